@@ -1,0 +1,165 @@
+"""Flower apps and the one function that runs a federation from a config mapping.
+
+``make_server_app(overrides)`` / ``make_client_app()`` build the apps that
+``flwr run`` loads (through ``server_app.py`` / ``client_app.py``) and that
+:func:`run_experiment` hands to Flower's in-process ``run_simulation``, which
+passes no run config: there, the config mapping comes in as ``overrides``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from . import participant
+from .config import ConfigError, data_settings, resolve_config
+from .data import load_test_set
+from .index_policies import DoubleShift
+from .models import build_model
+from .protocol import client_config
+from .reporting import RunReporter, default_output_dir
+from .splitting import SplitSpec
+from .strategy import MeteredFedAvg, MSFusion, RoundTraffic, TrafficMeter
+from .training import evaluate
+
+
+def make_strategy(config: Mapping[str, Any], spec: SplitSpec) -> MSFusion | MeteredFedAvg:
+    """The strategy named by ``method``."""
+    if config["method"] == "fedavg":
+        return MeteredFedAvg(
+            fraction_train=float(config["fraction-train"]),
+            min_train_nodes=1,
+            min_available_nodes=int(config["min-available-nodes"]),
+        )
+    policy = DoubleShift(shift_step=int(config["shift-step"]), overlap=config["overlap"])
+    return MSFusion(
+        spec,
+        policy,
+        split_ratio=float(config["split-ratio"]),
+        fraction_train=float(config["fraction-train"]),
+        min_available_nodes=int(config["min-available-nodes"]),
+        seed=int(config["seed"]),
+    )
+
+
+def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTraffic | None, wall_s: float) -> dict[str, Any]:
+    """One row of metrics.jsonl."""
+    traffic = traffic or RoundTraffic()
+    return {
+        "round": server_round,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "participants": traffic.participants,
+        "bytes_down": traffic.bytes_down,
+        "bytes_up": traffic.bytes_up,
+        "train_loss": None if traffic.train_loss != traffic.train_loss else traffic.train_loss,
+        "failures": traffic.failures,
+        "wall_s": wall_s,
+    }
+
+
+def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
+    """Train for ``num-server-rounds`` rounds and write the run's outputs."""
+    seed = int(config["seed"])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    test_set = load_test_set(data_settings(config))
+    global_model = build_model(str(config["model"]))
+    spec = SplitSpec.from_model(global_model)
+    strategy = make_strategy(config, spec)
+    meter: TrafficMeter = strategy.meter
+    reporter = RunReporter(config["output-dir"], config)
+    num_rounds = int(config["num-server-rounds"])
+    eval_every = int(config["eval-every"])
+    round_start = time.perf_counter()
+
+    def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal round_start
+        metrics: dict[str, float] = {}
+        if server_round % eval_every == 0 or server_round == num_rounds:
+            global_model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = evaluate(global_model, test_set)
+        traffic = meter.rounds.get(server_round)
+        started = traffic.started if traffic else round_start
+        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started))
+        round_start = time.perf_counter()
+        return MetricRecord(metrics) if metrics else None
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(global_model.state_dict()),
+        num_rounds=num_rounds,
+        train_config=client_config(config),
+        evaluate_fn=on_round_end,
+    )
+    reporter.save_model(result.arrays.to_torch_state_dict())
+    reporter.plot_curves()
+    return reporter.output_dir
+
+
+def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Resolved config: defaults < run config < overrides, with an output dir filled in."""
+    config = resolve_config({**context_run_config, **(overrides or {})})
+    if not config["output-dir"]:
+        config["output-dir"] = default_output_dir(config["method"])
+    return config
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp that runs :func:`run_server` on its run config plus ``overrides``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            config = server_config(context.run_config, overrides)
+        except ConfigError as error:
+            log(ERROR, "invalid run config: %s", error)
+            raise SystemExit(2) from None
+        run_server(grid, config)
+
+    return app
+
+
+def make_client_app() -> ClientApp:
+    """The ClientApp: train a received sub-model; answer profile queries."""
+    app = ClientApp()
+    app.train()(participant.train)
+    app.query()(participant.query)
+    return app
+
+
+def run_experiment(
+    config: Mapping[str, Any] | None = None,
+    num_supernodes: int = 10,
+    cpus_per_client: int = 1,
+    verbose: bool = False,
+) -> Path:
+    """Run a whole federation in-process with Flower's simulation engine.
+
+    ``config`` overrides the defaults (validated before Ray starts); returns
+    the output directory.
+    """
+    from flwr.simulation import run_simulation
+
+    resolved = server_config({}, config)
+    resolved["output-dir"] = str(Path(resolved["output-dir"]).resolve())
+    run_simulation(
+        server_app=make_server_app(resolved),
+        client_app=make_client_app(),
+        num_supernodes=num_supernodes,
+        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+        verbose_logging=verbose,
+    )
+    log(INFO, "Run finished: %s", resolved["output-dir"])
+    return Path(resolved["output-dir"])

@@ -1,0 +1,152 @@
+"""Run configuration: defaults, validation and the per-concern views of it.
+
+The keys and defaults here are the single source of truth; pyproject.toml's
+``[tool.flwr.app.config]`` lists the same (a test checks that they agree).
+Validation happens once, at ServerApp start, before any training: a bad value
+raises :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .data import NUM_CLASSES, PARTITIONERS, DataSettings
+from .models import MODELS
+
+METHODS = ("msfusion", "fedavg")
+
+DEFAULTS: dict[str, Any] = {
+    "method": "msfusion",
+    "dataset": "fashion-mnist",
+    "model": "cnn",
+    "num-server-rounds": 20,
+    "fraction-train": 1.0,
+    "min-available-nodes": 2,
+    "split-ratio": 0.25,
+    "overlap": "auto",
+    "shift-step": 1,
+    "contrastive-weight": 1.0,
+    "contrastive-temperature": 0.5,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "learning-rate": 0.05,
+    "momentum": 0.9,
+    "weight-decay": 0.0005,
+    "partitioner": "dirichlet",
+    "dirichlet-alpha": 0.5,
+    "classes-per-partition": 2,
+    "data-fraction": 1.0,
+    "seed": 0,
+    "eval-every": 1,
+    "data-dir": "",
+    "output-dir": "",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid run-config value; the message is one line naming the key."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return above and below
+
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    return ok, f"a number in {left}{lo}, {hi}{right}"
+
+
+def _integer(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
+
+
+def _string() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, str)), "a string"
+
+
+def _overlap() -> tuple[Callable[[Any], bool], str]:
+    number_ok, _ = _number(0.0, 1.0, False, True)
+    return (lambda v: v == "auto" or number_ok(v)), "'auto' or a number in [0, 1)"
+
+
+INF = math.inf
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "method": _choice(METHODS),
+    "dataset": _choice(tuple(NUM_CLASSES)),
+    "model": _choice(tuple(MODELS)),
+    "num-server-rounds": _integer(1),
+    "fraction-train": _number(0.0, 1.0, True, False),
+    "min-available-nodes": _integer(1),
+    "split-ratio": _number(0.0, 1.0, True, False),
+    "overlap": _overlap(),
+    "shift-step": _integer(0),
+    "contrastive-weight": _number(0.0, INF, False, True),
+    "contrastive-temperature": _number(0.0, INF, True, True),
+    "local-epochs": _integer(1),
+    "batch-size": _integer(1),
+    "learning-rate": _number(0.0, INF, True, True),
+    "momentum": _number(0.0, 1.0, False, True),
+    "weight-decay": _number(0.0, INF, False, True),
+    "partitioner": _choice(PARTITIONERS),
+    "dirichlet-alpha": _number(0.0, INF, True, True),
+    "classes-per-partition": _integer(1),
+    "data-fraction": _number(0.0, 1.0, True, False),
+    "seed": _integer(0),
+    "eval-every": _integer(1),
+    "data-dir": _string(),
+    "output-dir": _string(),
+}
+assert RULES.keys() == DEFAULTS.keys()
+
+
+def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults updated with ``overrides``, every key validated.
+
+    Raises :class:`ConfigError` (one line naming the key) on an unknown key or
+    a bad value, before anything else happens.
+    """
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown config key {key!r}")
+    config = {**DEFAULTS, **overrides}
+    for key, (ok, expected) in RULES.items():
+        if not ok(config[key]):
+            raise ConfigError(f"config key {key!r} must be {expected}, got {config[key]!r}")
+    num_classes = NUM_CLASSES[config["dataset"]]
+    if config["classes-per-partition"] > num_classes:
+        raise ConfigError(
+            f"config key 'classes-per-partition' must be at most {num_classes} for "
+            f"{config['dataset']}, got {config['classes-per-partition']}"
+        )
+    return config
+
+
+def data_settings(config: Mapping[str, Any]) -> DataSettings:
+    """The data view of a resolved config."""
+    return DataSettings(
+        dataset=str(config["dataset"]),
+        data_dir=str(config["data-dir"]),
+        partitioner=str(config["partitioner"]),
+        dirichlet_alpha=float(config["dirichlet-alpha"]),
+        classes_per_partition=int(config["classes-per-partition"]),
+        data_fraction=float(config["data-fraction"]),
+        seed=int(config["seed"]),
+    )

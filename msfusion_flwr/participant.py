@@ -1,0 +1,119 @@
+"""The participant's side: build the narrow model it was sent, train it, reply.
+
+The participant never allocates the full model: it builds the architecture at
+the widths of its index plan, loads the sliced tensors it received, trains with
+CE + contrastive loss and sends its slices back. Its sub-model as it leaves the
+round is kept in ``Context.state`` for the next round's ``z_p``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from .config import data_settings
+from .data import load_partition
+from .models import build_model, model_class
+from .protocol import ARRAYS, CONFIG, METRICS, PLAN, decode_plan, encode_plan
+from .splitting import plan_widths
+from .training import Representation, TrainSettings, train_local
+
+PREVIOUS_ARRAYS = "msfusion.previous-arrays"
+PREVIOUS_PLAN = "msfusion.previous-plan"
+PREVIOUS_CONFIG = "msfusion.previous-config"
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(f"node config lacks {missing.args[0]!r}; set it with --node-config") from None
+
+
+def training_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Independent, reproducible seed per (run seed, round, participant)."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def train_settings(config: Mapping[str, Any], seed: int) -> TrainSettings:
+    """Local-training settings from a message's config record."""
+    return TrainSettings(
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        contrastive_weight=float(config["contrastive-weight"]),
+        contrastive_temperature=float(config["contrastive-temperature"]),
+        seed=seed,
+    )
+
+
+def _received_plan(content: RecordDict, model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The plan sent with the message, or the full plan when none was (full-model methods)."""
+    if PLAN in content.config_records:
+        return decode_plan(content.config_records[PLAN])
+    widths = dict(model_class(model_name).FULL_WIDTHS)  # type: ignore[attr-defined]
+    return {name: torch.arange(k) for name, k in widths.items()}, widths
+
+
+def _previous_representation(state: RecordDict, model_name: str, feature_group: str) -> Representation | None:
+    """The participant's sub-model of its previous round, if it kept one."""
+    if PREVIOUS_ARRAYS not in state.array_records:
+        return None
+    plan, widths = decode_plan(state.config_records[PREVIOUS_PLAN])
+    rate = float(state.config_records[PREVIOUS_CONFIG]["split-rate"])  # type: ignore[arg-type]
+    model = build_model(model_name, plan_widths(plan), rate)
+    model.load_state_dict(state.array_records[PREVIOUS_ARRAYS].to_torch_state_dict())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Representation(model, plan[feature_group], widths[feature_group])
+
+
+def _keep_as_previous(state: RecordDict, model: torch.nn.Module, plan: Mapping[str, torch.Tensor], widths: Mapping[str, int], rate: float) -> None:
+    state[PREVIOUS_ARRAYS] = ArrayRecord(model.state_dict())
+    state[PREVIOUS_PLAN] = encode_plan(plan, widths)
+    state[PREVIOUS_CONFIG] = ConfigRecord({"split-rate": rate})
+
+
+def train(message: Message, context: Context) -> Message:
+    """Handle one train message: narrow model in, trained narrow model out."""
+    content = message.content
+    config = content.config_records[CONFIG]
+    partition_id, num_partitions = node_partition(context)
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    rate = float(config.get("split-rate", 1.0))  # type: ignore[arg-type]
+    model_name = str(config["model"])
+
+    plan, full_widths = _received_plan(content, model_name)
+    model = build_model(model_name, plan_widths(plan), rate)
+    model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+
+    settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
+    dataset = load_partition(settings, partition_id, num_partitions)
+    local = train_settings(config, training_seed(settings.seed, server_round, partition_id))
+    feature_group = model.feature_group  # type: ignore[attr-defined]
+    current = Representation(model, plan[feature_group], full_widths[feature_group])
+    previous = None
+    if local.contrastive_weight > 0:
+        previous = _previous_representation(context.state, model_name, feature_group)
+
+    metrics = train_local(model, dataset, local, current, previous)
+    if local.contrastive_weight > 0:
+        _keep_as_previous(context.state, model, plan, full_widths, rate)
+
+    metrics["partition-id"] = float(partition_id)
+    reply = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics)})
+    return Message(reply, reply_to=message)
+
+
+def query(message: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (used to rank participants)."""
+    partition_id, num_partitions = node_partition(context)
+    profile = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({"profile": profile}), reply_to=message)

@@ -1,0 +1,109 @@
+"""Run outputs: config.json, metrics.jsonl, the final global model and curves.png.
+
+Every run writes to its output directory:
+
+* ``config.json``: the resolved run config;
+* ``metrics.jsonl``: one JSON object per round (round 0 is the initial model)
+  with ``round``, ``accuracy`` and ``loss`` of the global model when evaluated,
+  ``participants`` (partition ids), ``bytes_down``/``bytes_up`` (array bytes
+  actually sent and received), ``train_loss``, ``failures``, ``wall_s`` (the
+  round's wall time) and ``elapsed_s``;
+* ``global_model.pt``: the final global model's state dict;
+* ``curves.png``: accuracy and loss of the global model against the round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.supercore import log
+
+METRICS_FILE, CONFIG_FILE, MODEL_FILE, CURVES_FILE = "metrics.jsonl", "config.json", "global_model.pt", "curves.png"
+
+
+def default_output_dir(method: str) -> str:
+    """``outputs/<timestamp>-<method>`` (relative to the working directory)."""
+    return str(Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    lines = (Path(output_dir) / METRICS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+class RunReporter:
+    """Writes one run's outputs as the run goes."""
+
+    def __init__(self, output_dir: str | Path, config: Mapping[str, Any]) -> None:
+        self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        (self.output_dir / METRICS_FILE).write_text("")
+        self.num_rounds = int(config["num-server-rounds"])
+        self._start = time.perf_counter()
+        log(INFO, "Writing run outputs to %s", self.output_dir)
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        """Append one round's row to metrics.jsonl and log one line about it."""
+        row["elapsed_s"] = time.perf_counter() - self._start
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(INFO, "%s", round_line(row, self.num_rounds))
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
+        """Save the final global model's state dict."""
+        path = self.output_dir / MODEL_FILE
+        torch.save(dict(state), path)
+        return path
+
+    def plot_curves(self) -> Path:
+        """Accuracy and loss of the evaluated rounds, as curves.png."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in read_metrics(self.output_dir) if r.get("accuracy") is not None]
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+        rounds = [r["round"] for r in rows]
+        ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o")
+        ax_acc.set(xlabel="round", ylabel="test accuracy", title="global model accuracy")
+        ax_loss.plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red")
+        ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.output_dir / CURVES_FILE
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def round_line(row: Mapping[str, Any], num_rounds: int) -> str:
+    """The one log line of a round."""
+    parts = [f"round {row['round']}/{num_rounds}"]
+    if row.get("accuracy") is not None:
+        parts.append(f"acc {row['accuracy']:.4f} loss {row['loss']:.4f}")
+    if row["round"] > 0:
+        train_loss = row.get("train_loss")
+        if train_loss is not None and not math.isnan(train_loss):
+            parts.append(f"train loss {train_loss:.4f}")
+        parts.append(f"{len(row['participants'])} participants")
+        parts.append(f"down {_megabytes(row['bytes_down'])} up {_megabytes(row['bytes_up'])}")
+        if row["failures"]:
+            parts.append(f"{len(row['failures'])} left out")
+    parts.append(f"{row['wall_s']:.1f} s")
+    return " | ".join(parts)

@@ -1,0 +1,278 @@
+"""Width groups and the splitting engine.
+
+A model declares its splittable hidden dimensions as *width groups*. A group of
+width K names every tensor axis indexed by that dimension (conv out-channels and
+the next layer's in-channels, norm parameters, ...). An *index plan* picks, for
+every group, the units a participant holds. From groups and a plan this module
+
+* slices a global state dict into the sub-model's (smaller, real) tensors, and
+* fuses sub-model states back, averaging every global element over the
+  participants whose slice held it (overlap-aware aggregation).
+
+Nothing here knows about a particular model: models only declare groups, either
+directly as :class:`Axis` lists or, more conveniently, as :class:`GroupDecl`
+(which modules produce and which consume the group's units), resolved through
+per-module-type axis rules. A graph tracer could emit the same ``GroupDecl``
+lists automatically; the engine would not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+IndexPlan = dict[str, Tensor]
+"""Group name -> 1-D int64 tensor of the group units a participant holds."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One tensor axis indexed by a width group.
+
+    Group unit ``i`` covers positions ``b * K * unit + i * unit + u`` along the
+    axis for every block ``b < blocks`` and offset ``u < unit``: ``unit`` > 1
+    covers multi-element units (attention heads of ``head_dim`` rows), ``blocks``
+    > 1 covers stacked copies (q, k and v rows in one fused projection).
+    """
+
+    tensor: str
+    dim: int
+    unit: int = 1
+    blocks: int = 1
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """A splittable hidden dimension of width ``width`` and every axis it indexes."""
+
+    name: str
+    width: int
+    axes: tuple[Axis, ...]
+
+
+@dataclass(frozen=True)
+class GroupDecl:
+    """Module-level declaration of a width group.
+
+    ``outputs`` are the modules whose output features are the group's units
+    (a Linear's rows, a norm layer's channels), ``inputs`` the modules that
+    consume them (the next Linear's columns). ``unit`` and ``blocks`` are as in
+    :class:`Axis`.
+    """
+
+    name: str
+    outputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    unit: int = 1
+    blocks: int = 1
+
+
+AxisRule = Callable[[nn.Module], list[tuple[str, int]]]
+"""Module -> [(local tensor name, dim)] for one side (output or input) of a module."""
+
+
+def _present(module: nn.Module, names: Iterable[str]) -> list[str]:
+    local = {n for n, _ in module.named_parameters(recurse=False)}
+    local |= {n for n, _ in module.named_buffers(recurse=False)}
+    return [n for n in names if n in local]
+
+
+def _conv_or_linear_out(module: nn.Module) -> list[tuple[str, int]]:
+    return [(n, 0) for n in _present(module, ("weight", "bias"))]
+
+
+def _conv_or_linear_in(module: nn.Module) -> list[tuple[str, int]]:
+    return [("weight", 1)]
+
+
+def _norm_out(module: nn.Module) -> list[tuple[str, int]]:
+    names = ("weight", "bias", "running_mean", "running_var")
+    return [(n, 0) for n in _present(module, names)]
+
+
+def _embedding_out(module: nn.Module) -> list[tuple[str, int]]:
+    return [("weight", 1)]
+
+
+OUTPUT_RULES: dict[type[nn.Module], AxisRule] = {
+    nn.Linear: _conv_or_linear_out,
+    nn.Conv1d: _conv_or_linear_out,
+    nn.Conv2d: _conv_or_linear_out,
+    nn.BatchNorm1d: _norm_out,
+    nn.BatchNorm2d: _norm_out,
+    nn.LayerNorm: _norm_out,
+    nn.Embedding: _embedding_out,
+}
+"""How each module type's *output* features map to its tensors' axes.
+
+Register rules for third-party module types here (e.g. a transposed Conv1D)."""
+
+INPUT_RULES: dict[type[nn.Module], AxisRule] = {
+    nn.Linear: _conv_or_linear_in,
+    nn.Conv1d: _conv_or_linear_in,
+    nn.Conv2d: _conv_or_linear_in,
+}
+"""How each module type's *input* features map to its tensors' axes."""
+
+
+def _rule_for(rules: Mapping[type[nn.Module], AxisRule], module: nn.Module) -> AxisRule:
+    for cls in type(module).__mro__:
+        if cls in rules:
+            return rules[cls]
+    raise TypeError(f"no axis rule for module type {type(module).__name__}")
+
+
+def resolve_groups(model: nn.Module, decls: Sequence[GroupDecl]) -> list[WidthGroup]:
+    """Turn module-level declarations into tensor axes, reading K off the model."""
+    modules = dict(model.named_modules())
+    state = model.state_dict()
+    groups = []
+    for decl in decls:
+        axes: list[Axis] = []
+        for side, rules in ((decl.outputs, OUTPUT_RULES), (decl.inputs, INPUT_RULES)):
+            for mod_name in side:
+                module = modules[mod_name]
+                for local, dim in _rule_for(rules, module)(module):
+                    key = f"{mod_name}.{local}" if mod_name else local
+                    axes.append(Axis(key, dim, decl.unit, decl.blocks))
+        first = axes[0]
+        width = state[first.tensor].shape[first.dim] // (first.unit * first.blocks)
+        groups.append(WidthGroup(decl.name, width, tuple(axes)))
+    return groups
+
+
+class SplitSpec:
+    """The width groups of one architecture, checked against its state dict."""
+
+    def __init__(self, groups: Sequence[WidthGroup], shapes: Mapping[str, torch.Size]):
+        self.groups = {g.name: g for g in groups}
+        if len(self.groups) != len(groups):
+            raise ValueError("duplicate width-group names")
+        self._axes_by_tensor: dict[str, list[tuple[WidthGroup, Axis]]] = {}
+        for group in groups:
+            for axis in group.axes:
+                if axis.tensor not in shapes:
+                    raise ValueError(f"group {group.name!r}: no tensor {axis.tensor!r}")
+                size = shapes[axis.tensor][axis.dim]
+                if size != group.width * axis.unit * axis.blocks:
+                    raise ValueError(
+                        f"group {group.name!r}: {axis.tensor} dim {axis.dim} has size "
+                        f"{size}, expected {group.width * axis.unit * axis.blocks}"
+                    )
+                claims = self._axes_by_tensor.setdefault(axis.tensor, [])
+                if any(a.dim == axis.dim for _, a in claims):
+                    raise ValueError(f"{axis.tensor} dim {axis.dim} is in two groups")
+                claims.append((group, axis))
+        self.shapes = dict(shapes)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> SplitSpec:
+        """Build the spec of a model that implements ``width_group_decls()``."""
+        groups = resolve_groups(model, model.width_group_decls())  # type: ignore[operator]
+        return cls(groups, {k: v.shape for k, v in model.state_dict().items()})
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Full width K of every group."""
+        return {name: g.width for name, g in self.groups.items()}
+
+    def full_plan(self) -> IndexPlan:
+        """The plan that holds every unit (the whole model)."""
+        return {name: torch.arange(g.width) for name, g in self.groups.items()}
+
+    def positions(self, plan: Mapping[str, Tensor]) -> dict[str, list[tuple[int, Tensor]]]:
+        """For every split tensor, ``(dim, positions along dim)`` under ``plan``."""
+        out: dict[str, list[tuple[int, Tensor]]] = {}
+        for tensor, claims in self._axes_by_tensor.items():
+            out[tensor] = [
+                (axis.dim, axis_positions(axis, group.width, plan[group.name]))
+                for group, axis in claims
+            ]
+        return out
+
+
+def axis_positions(axis: Axis, width: int, units: Tensor) -> Tensor:
+    """Positions along ``axis`` covered by group ``units`` (vectorized)."""
+    offsets = torch.arange(axis.unit)
+    blocks = torch.arange(axis.blocks) * (width * axis.unit)
+    grid = blocks[:, None, None] + units[None, :, None] * axis.unit + offsets[None, None, :]
+    return grid.reshape(-1)
+
+
+def plan_widths(plan: Mapping[str, Tensor]) -> dict[str, int]:
+    """Width of each group in a plan's sub-model."""
+    return {name: int(idx.numel()) for name, idx in plan.items()}
+
+
+def slice_state(
+    state: Mapping[str, Tensor], spec: SplitSpec, plan: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The sub-model's state: every split tensor indexed down to the plan's units."""
+    positions = spec.positions(plan)
+    sub = {}
+    for key, tensor in state.items():
+        for dim, pos in positions.get(key, ()):
+            tensor = tensor.index_select(dim, pos)
+        sub[key] = tensor.contiguous()
+    return sub
+
+
+def flat_positions(shape: Sequence[int], dim_positions: Sequence[tuple[int, Tensor]]) -> Tensor:
+    """Flat (row-major) indices into a tensor of ``shape`` of its sliced elements.
+
+    The result has the sub-tensor's shape: element ``e`` of the slice sits at
+    ``flat[e]`` of the flattened full tensor.
+    """
+    per_dim = [torch.arange(n) for n in shape]
+    for dim, pos in dim_positions:
+        per_dim[dim] = pos
+    strides = torch.ones(len(shape), dtype=torch.long)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    flat = torch.zeros((), dtype=torch.long)
+    for d, idx in enumerate(per_dim):
+        view = [1] * len(shape)
+        view[d] = -1
+        flat = flat + idx.view(view) * strides[d]
+    return flat
+
+
+@dataclass(frozen=True)
+class SubmodelUpdate:
+    """A participant's trained sub-model, the plan it was cut with and its weight."""
+
+    plan: Mapping[str, Tensor]
+    state: Mapping[str, Tensor]
+    weight: float
+
+
+def aggregate(
+    global_state: Mapping[str, Tensor], spec: SplitSpec, updates: Sequence[SubmodelUpdate]
+) -> dict[str, Tensor]:
+    """Overlap-aware aggregation of sub-models into the global state.
+
+    Every element becomes ``sum_k n_k v_k / sum_k n_k`` over the updates whose
+    slice held it; elements held by no update keep their value. Sums run in
+    float64 with ``index_add_`` on flat indices (no per-element Python loop).
+    """
+    positions = [spec.positions(u.plan) for u in updates]
+    merged = {}
+    for key, current in global_state.items():
+        numel = current.numel()
+        total = torch.zeros(numel, dtype=torch.float64)
+        weight = torch.zeros(numel, dtype=torch.float64)
+        for update, pos in zip(updates, positions, strict=True):
+            flat = flat_positions(current.shape, pos.get(key, ())).reshape(-1)
+            values = update.state[key].reshape(-1).to(torch.float64)
+            total.index_add_(0, flat, values * update.weight)
+            weight.index_add_(0, flat, torch.full((flat.numel(),), float(update.weight), dtype=torch.float64))
+        held = weight > 0
+        out = current.reshape(-1).to(torch.float64).clone()
+        out[held] = total[held] / weight[held]
+        if not current.is_floating_point():
+            out = out.round()
+        merged[key] = out.view(current.shape).to(current.dtype)
+    return merged
