@@ -1,0 +1,188 @@
+"""Run-config validation: every bad value is a one-line ConfigError naming its key."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msfusion_flwr.config import DEFAULTS, ConfigError, resolve_config
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+NAN, INF = math.nan, math.inf
+
+BAD_VALUES: dict[str, list[object]] = {
+    "method": ["fedprox", "MSFUSION", "", 1, None, True],
+    "dataset": ["mnist", "", "Fashion-MNIST", 0, None],
+    "model": ["resnet", "", 1, None],
+    "num-server-rounds": [0, -1, 1.5, 20.0, True, "20", None],
+    "fraction-train": [0, 0.0, -0.1, 1.01, NAN, INF, True, "1.0", None],
+    "min-available-nodes": [0, -2, 2.0, True, "2"],
+    "split-ratio": [0, 0.0, -0.25, 1.0000001, 2, NAN, INF, True, False, "0.25", None],
+    "overlap": [1.0, 1, 1.5, -0.1, NAN, -INF, True, False, "AUTO", "none", "0.5", "", None],
+    "shift-step": [-1, 1.0, 0.5, True, False, "1", None],
+    "contrastive-weight": [-0.1, -1, INF, NAN, True, "1.0", None],
+    "contrastive-temperature": [0, 0.0, -0.5, INF, NAN, True, "0.5"],
+    "local-epochs": [0, -1, 1.5, 1.0, True, "1"],
+    "batch-size": [0, -32, 32.0, True, "32"],
+    "learning-rate": [0, 0.0, -0.05, INF, NAN, True, "0.05"],
+    "momentum": [1.0, 1, -0.1, 1.5, NAN, True, "0.9"],
+    "weight-decay": [-0.0005, -1, INF, NAN, True, "0"],
+    "partitioner": ["shard", "Dirichlet", "", 0, None],
+    "dirichlet-alpha": [0, 0.0, -0.5, INF, NAN, True, "0.5"],
+    "classes-per-partition": [0, -1, 11, 100, 2.0, True, "2"],
+    "data-fraction": [0, 0.0, -0.5, 1.5, NAN, True, "1.0"],
+    "seed": [-1, 0.5, 1.0, True, False, "0", None],
+    "eval-every": [0, -1, 1.5, True, "1"],
+    "data-dir": [0, 1.5, None, True, ["a"]],
+    "output-dir": [0, None, False, ["out"]],
+}
+
+CASES = [pytest.param(key, value, id=f"{key}={value!r}") for key, values in BAD_VALUES.items() for value in values]
+
+
+def test_bad_values_cover_every_key():
+    """The table of bad values lists every config key."""
+    assert set(BAD_VALUES) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize(("key", "value"), CASES)
+def test_bad_value_raises_one_line_error_naming_key(key, value):
+    """An invalid value raises ConfigError whose single-line message names the key."""
+    with pytest.raises(ConfigError) as info:
+        resolve_config({key: value})
+    message = str(info.value)
+    assert f"'{key}'" in message
+    assert "\n" not in message and "\r" not in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("key", ["rounds", "num_server_rounds", "Method", "", "split-ratio "])
+def test_unknown_key_raises(key):
+    """A key that is not in DEFAULTS raises a one-line ConfigError naming it."""
+    with pytest.raises(ConfigError) as info:
+        resolve_config({key: 1})
+    assert repr(key) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_resolve_to_themselves():
+    """No overrides gives exactly DEFAULTS; resolving returns a new dict."""
+    resolved = resolve_config()
+    assert resolved == DEFAULTS
+    assert resolved is not DEFAULTS
+    assert resolve_config(None) == DEFAULTS
+
+
+VALID_EDGES: list[tuple[str, object]] = [
+    ("split-ratio", 1.0),
+    ("split-ratio", 1),
+    ("split-ratio", 1e-9),
+    ("overlap", 0.0),
+    ("overlap", 0),
+    ("overlap", 0.99),
+    ("overlap", "auto"),
+    ("shift-step", 0),
+    ("contrastive-weight", 0),
+    ("contrastive-weight", 0.0),
+    ("fraction-train", 1.0),
+    ("data-fraction", 1.0),
+    ("momentum", 0.0),
+    ("weight-decay", 0),
+    ("learning-rate", 1),
+    ("classes-per-partition", 10),
+    ("classes-per-partition", 1),
+    ("seed", 0),
+    ("seed", 2**40),
+    ("num-server-rounds", 1),
+    ("method", "fedavg"),
+    ("partitioner", "iid"),
+    ("partitioner", "pathological"),
+    ("data-dir", "/tmp/somewhere"),
+    ("output-dir", ""),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), VALID_EDGES, ids=[f"{k}={v!r}" for k, v in VALID_EDGES])
+def test_valid_edge_values_pass(key, value):
+    """Boundary values inside the documented ranges are accepted unchanged."""
+    resolved = resolve_config({key: value})
+    assert resolved[key] == value
+    assert {k: v for k, v in resolved.items() if k != key} == {k: v for k, v in DEFAULTS.items() if k != key}
+
+
+def test_pyproject_config_equals_defaults():
+    """pyproject.toml's [tool.flwr.app.config] has exactly DEFAULTS' keys, values and value types."""
+    with PYPROJECT.open("rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    assert list(table) == list(DEFAULTS)
+    assert table == DEFAULTS
+    for key, value in DEFAULTS.items():
+        assert type(table[key]) is type(value), key
+
+
+# Independent statement of the valid ranges: (kind, low, low inclusive, high, high inclusive).
+RANGES = {
+    "num-server-rounds": ("int", 1, True, None, False),
+    "min-available-nodes": ("int", 1, True, None, False),
+    "shift-step": ("int", 0, True, None, False),
+    "local-epochs": ("int", 1, True, None, False),
+    "batch-size": ("int", 1, True, None, False),
+    "classes-per-partition": ("int", 1, True, 10, True),
+    "seed": ("int", 0, True, None, False),
+    "eval-every": ("int", 1, True, None, False),
+    "fraction-train": ("num", 0, False, 1, True),
+    "split-ratio": ("num", 0, False, 1, True),
+    "overlap": ("num", 0, True, 1, False),
+    "contrastive-weight": ("num", 0, True, None, False),
+    "contrastive-temperature": ("num", 0, False, None, False),
+    "learning-rate": ("num", 0, False, None, False),
+    "momentum": ("num", 0, True, 1, False),
+    "weight-decay": ("num", 0, True, None, False),
+    "dirichlet-alpha": ("num", 0, False, None, False),
+    "data-fraction": ("num", 0, False, 1, True),
+}
+
+
+def expected_valid(key: str, value: object) -> bool:
+    kind, lo, lo_in, hi, hi_in = RANGES[key]
+    if key == "overlap" and value == "auto":
+        return True
+    if type(value) is bool or not isinstance(value, (int, float)):
+        return False
+    if kind == "int" and not isinstance(value, int):
+        return False
+    if not math.isfinite(value):
+        return False
+    if value < lo or (value == lo and not lo_in):
+        return False
+    if hi is not None and (value > hi or (value == hi and not hi_in)):
+        return False
+    return True
+
+
+any_value = (
+    st.integers(min_value=-(2**40), max_value=2**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.floats(min_value=-2, max_value=2)
+    | st.booleans()
+    | st.text(max_size=6)
+    | st.just("auto")
+    | st.none()
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(sorted(RANGES)), value=any_value)
+def test_numeric_keys_accept_exactly_their_range(key, value):
+    """For arbitrary values, a numeric key is accepted iff the value is in its documented range."""
+    if expected_valid(key, value):
+        assert resolve_config({key: value})[key] == value
+    else:
+        with pytest.raises(ConfigError) as info:
+            resolve_config({key: value})
+        assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)
