@@ -125,7 +125,9 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
             config = server_config(context.run_config, overrides)
         except ConfigError as error:
             log(ERROR, "invalid run config: %s", error)
-            raise SystemExit(2) from None
+            # Re-raise (an Exception; Flower ignores SystemExit from the ServerApp)
+            # so that Flower marks the run as failed.
+            raise
         run_server(grid, config)
 
     return app
