@@ -8,6 +8,7 @@ passes no run config: there, the config mapping comes in as ``overrides``.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -62,7 +63,7 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
         "participants": traffic.participants,
         "bytes_down": traffic.bytes_down,
         "bytes_up": traffic.bytes_up,
-        "train_loss": None if traffic.train_loss != traffic.train_loss else traffic.train_loss,
+        "train_loss": None if math.isnan(traffic.train_loss) else traffic.train_loss,
         "failures": traffic.failures,
         "wall_s": wall_s,
     }

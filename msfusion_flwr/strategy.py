@@ -91,6 +91,15 @@ def check_reply(reply: Message, expected_shapes: Mapping[str, tuple[int, ...]]) 
     return None
 
 
+def training_metrics(replies: Sequence[Message]) -> MetricRecord:
+    """Example-weighted mean of the replies' training metrics (partition ids left out)."""
+    records = [
+        RecordDict({METRICS: MetricRecord({k: v for k, v in r.content[METRICS].items() if k != "partition-id"})})
+        for r in replies
+    ]
+    return aggregate_metricrecords(records, WEIGHT_KEY)
+
+
 def wait_for_nodes(grid: Grid, minimum: int, poll_s: float = 1.0) -> list[int]:
     """Connected node ids, once at least ``minimum`` are connected."""
     while len(nodes := sorted(grid.get_node_ids())) < minimum:
@@ -199,8 +208,7 @@ class MSFusion(Strategy):
             for r in accepted
         ]
         merged = aggregate(self._global, self.spec, updates)
-        metrics = aggregate_metricrecords([r.content for r in accepted], WEIGHT_KEY)
-        return ArrayRecord(merged), metrics
+        return ArrayRecord(merged), training_metrics(accepted)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -17,32 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord
 
 from msfusion_flwr import participant
 from msfusion_flwr.apps import make_strategy
 from msfusion_flwr.config import resolve_config
+from msfusion_flwr.loopback import LoopbackGrid
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import client_config, message_array_bytes
 from msfusion_flwr.splitting import SplitSpec
-
-
-@dataclass
-class LoopbackGrid:
-    """A Grid stand-in that delivers query messages to in-process node contexts."""
-
-    contexts: dict[int, Context] = field(default_factory=dict)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        return [participant.query(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
 def measure(config: dict, num_participants: int, rounds: int, node: int) -> tuple[int, float]:
@@ -50,13 +35,7 @@ def measure(config: dict, num_participants: int, rounds: int, node: int) -> tupl
     resolved = resolve_config(config)
     model = build_model(resolved["model"])
     strategy = make_strategy(resolved, SplitSpec.from_model(model))
-    grid = LoopbackGrid(
-        {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": n, "num-partitions": num_participants},
-                       state=RecordDict(), run_config={})
-            for n in range(num_participants)
-        }
-    )
+    grid = LoopbackGrid(num_participants)
     arrays = ArrayRecord(model.state_dict())
     received, times = [], []
     for server_round in range(1, rounds + 1):
@@ -76,8 +55,6 @@ def main() -> None:
     parser.add_argument("--data-fraction", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    # Messages are built outside a Flower run here, so give them an identity.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     base = {"data-fraction": args.data_fraction, "partitioner": "iid"}
     sub_bytes, sub_time = measure({**base, "split-ratio": args.split_ratio}, args.participants, args.rounds, args.node)
     full_bytes, full_time = measure({**base, "split-ratio": 1.0}, args.participants, args.rounds, args.node)

@@ -1,0 +1,66 @@
+"""What a participant receives, builds, trains and returns (no Flower engine)."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+from msfusion_flwr import models, participant
+from msfusion_flwr.apps import make_strategy
+from msfusion_flwr.config import resolve_config
+from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.protocol import ARRAYS, METRICS, PLAN, client_config, decode_plan
+from msfusion_flwr.splitting import SplitSpec
+
+
+def round_messages(config: dict, grid: LoopbackGrid, server_round: int, state: dict) -> dict:
+    resolved = resolve_config(config)
+    strategy = make_strategy(resolved, SplitSpec.from_model(models.build_model("cnn")))
+    messages = strategy.configure_train(server_round, ArrayRecord(state), client_config(resolved), grid)
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def test_participant_trains_a_narrow_model_and_never_builds_the_full_one(monkeypatch):
+    """At r = 0.25 the participant's model, what it receives and returns are the sub-model's size."""
+    built_widths = []
+    real_build = models.build_model
+
+    def recording_build(name, widths=None, rate=1.0, **kwargs):
+        built_widths.append(None if widths is None else dict(widths))
+        return real_build(name, widths, rate, **kwargs)
+
+    full = real_build("cnn")
+    full_params = sum(p.numel() for p in full.parameters())
+    grid = LoopbackGrid(4)
+    config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid"}
+    monkeypatch.setattr(participant, "build_model", recording_build)
+    for server_round in (1, 2):  # round 2 also rebuilds the previous sub-model for z_p
+        messages = round_messages(config, grid, server_round, full.state_dict())
+        message = messages[1]
+        plan, widths = decode_plan(message.content.config_records[PLAN])
+        reply = participant.train(message, grid.contexts[1])
+        sent = message.content.array_records[ARRAYS].to_torch_state_dict()
+        returned = reply.content.array_records[ARRAYS].to_torch_state_dict()
+        expected = real_build("cnn", {g: len(i) for g, i in plan.items()}, 0.25)
+        expected_params = sum(p.numel() for p in expected.parameters())
+        assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in expected.state_dict().items()}
+        assert {k: v.shape for k, v in returned.items()} == {k: v.shape for k, v in sent.items()}
+        assert sum(v.numel() for v in returned.values()) == expected_params < 0.1 * full_params
+        assert widths == models.FashionCNN.FULL_WIDTHS
+        if server_round == 2:
+            assert reply.content.metric_records[METRICS]["train-contrastive"] > 0
+    assert built_widths and all(w is not None and w != models.FashionCNN.FULL_WIDTHS for w in built_widths)
+
+
+def test_sub_model_slices_are_the_global_values_at_the_plan_indices():
+    """Each message carries the global tensor indexed at its plan, nothing else."""
+    torch.manual_seed(0)
+    full = models.build_model("cnn").state_dict()
+    grid = LoopbackGrid(3)
+    messages = round_messages({"split-ratio": 0.5}, grid, 3, full)
+    for message in messages.values():
+        plan, _ = decode_plan(message.content.config_records[PLAN])
+        sent = message.content.array_records[ARRAYS].to_torch_state_dict()
+        expected = full["conv2.0.weight"][plan["conv2"]][:, plan["conv1"]]
+        torch.testing.assert_close(sent["conv2.0.weight"], expected, rtol=0, atol=0)
+        torch.testing.assert_close(sent["head.weight"], full["head.weight"][:, plan["fc"]], rtol=0, atol=0)
