@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
@@ -23,30 +23,61 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from . import participant
-from .config import ConfigError, data_settings, resolve_config
-from .data import load_test_set
-from .index_policies import DoubleShift
-from .models import build_model
+from .config import ConfigError, data_settings, parse_budgets, resolve_config
+from .data import load_test_set, model_kwargs
+from .index_policies import (
+    DoubleShift,
+    FullWidth,
+    IndexPolicy,
+    OrderedDropout,
+    RandomSubset,
+    RollingWindow,
+    StaticPrefix,
+    window_length,
+)
+from .models import build_model, model_class
 from .protocol import client_config
 from .reporting import RunReporter, default_output_dir
 from .splitting import SplitSpec
-from .strategy import MeteredFedAvg, MSFusion, RoundTraffic, TrafficMeter
+from .strategy import Budgets, MeteredFedAvg, RoundTraffic, SubmodelStrategy, TrafficMeter
 from .training import evaluate
 
 
-def make_strategy(config: Mapping[str, Any], spec: SplitSpec) -> MSFusion | MeteredFedAvg:
-    """The strategy named by ``method``."""
+POLICIES: dict[str, Callable[[Mapping[str, Any]], IndexPolicy]] = {
+    "msfusion": lambda c: DoubleShift(
+        shift_step=int(c["shift-step"]),
+        overlap=c["overlap"],
+        inter_participant=bool(c["inter-participant-shift"]),
+    ),
+    "heterofl": lambda c: StaticPrefix(),
+    "fedrolex": lambda c: RollingWindow(),
+    "fd": lambda c: RandomSubset(),
+    "fjord": lambda c: OrderedDropout(levels=int(c["fjord-levels"])),
+    "fedavg-small": lambda c: FullWidth(),
+}
+"""Partial-training methods: the index policy each one runs over the engine."""
+
+
+def global_widths(config: Mapping[str, Any]) -> dict[str, int] | None:
+    """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one."""
+    if config["method"] != "fedavg-small":
+        return None
+    full = model_class(str(config["model"])).FULL_WIDTHS  # type: ignore[attr-defined]
+    return {name: window_length(float(config["split-ratio"]), k) for name, k in full.items()}
+
+
+def make_strategy(config: Mapping[str, Any], spec: SplitSpec) -> SubmodelStrategy | MeteredFedAvg:
+    """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy."""
     if config["method"] == "fedavg":
         return MeteredFedAvg(
             fraction_train=float(config["fraction-train"]),
             min_train_nodes=1,
             min_available_nodes=int(config["min-available-nodes"]),
         )
-    policy = DoubleShift(shift_step=int(config["shift-step"]), overlap=config["overlap"])
-    return MSFusion(
+    return SubmodelStrategy(
         spec,
-        policy,
-        split_ratio=float(config["split-ratio"]),
+        POLICIES[str(config["method"])](config),
+        Budgets(float(config["split-ratio"]), parse_budgets(str(config["budgets"]))),
         fraction_train=float(config["fraction-train"]),
         min_available_nodes=int(config["min-available-nodes"]),
         seed=int(config["seed"]),
@@ -65,6 +96,7 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
         "bytes_up": traffic.bytes_up,
         "train_loss": None if math.isnan(traffic.train_loss) else traffic.train_loss,
         "failures": traffic.failures,
+        "per_participant": traffic.costs,
         "wall_s": wall_s,
     }
 
@@ -75,7 +107,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
     random.seed(seed)
     torch.manual_seed(seed)
     test_set = load_test_set(data_settings(config))
-    global_model = build_model(str(config["model"]))
+    global_model = build_model(str(config["model"]), global_widths(config), **model_kwargs(str(config["dataset"])))
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(config, spec)
     meter: TrafficMeter = strategy.meter

@@ -15,7 +15,9 @@ from typing import Any
 from .data import NUM_CLASSES, PARTITIONERS, DataSettings
 from .models import MODELS
 
-METHODS = ("msfusion", "fedavg")
+METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord")
+"""``fedavg`` is Flower's own FedAvg on the full model; the others run the
+partial-training strategy with their index policy (see index_policies.py)."""
 
 DEFAULTS: dict[str, Any] = {
     "method": "msfusion",
@@ -25,8 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "min-available-nodes": 2,
     "split-ratio": 0.25,
+    "budgets": "",
     "overlap": "auto",
     "shift-step": 1,
+    "inter-participant-shift": True,
+    "fjord-levels": 8,
     "contrastive-weight": 1.0,
     "contrastive-temperature": 0.5,
     "local-epochs": 1,
@@ -81,6 +86,30 @@ def _string() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, str)), "a string"
 
 
+def _boolean() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """``"0.25,0.5,1"`` -> (0.25, 0.5, 1.0); empty -> (). Raises ValueError."""
+    if not text.strip():
+        return ()
+    ratios = tuple(float(part) for part in text.split(","))
+    if not all(0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(text)
+    return ratios
+
+
+def _budgets() -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        try:
+            return isinstance(v, str) and parse_budgets(v) is not None
+        except ValueError:
+            return False
+
+    return ok, "a comma-separated list of split ratios in (0, 1], or empty"
+
+
 def _overlap() -> tuple[Callable[[Any], bool], str]:
     number_ok, _ = _number(0.0, 1.0, False, True)
     return (lambda v: v == "auto" or number_ok(v)), "'auto' or a number in [0, 1)"
@@ -95,8 +124,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fraction-train": _number(0.0, 1.0, True, False),
     "min-available-nodes": _integer(1),
     "split-ratio": _number(0.0, 1.0, True, False),
+    "budgets": _budgets(),
     "overlap": _overlap(),
     "shift-step": _integer(0),
+    "inter-participant-shift": _boolean(),
+    "fjord-levels": _integer(1),
     "contrastive-weight": _number(0.0, INF, False, True),
     "contrastive-temperature": _number(0.0, INF, True, True),
     "local-epochs": _integer(1),

@@ -100,7 +100,121 @@ class FashionCNN(nn.Module):
         return self.classify(self.features(x))
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": FashionCNN}
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (HeteroFL's ``Block``): BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus shortcut.
+
+    The shortcut is a 1x1 conv of the pre-activated input when the block changes
+    stride or channels, else the identity. Convs have no bias; the scalers sit on
+    the conv outputs entering each norm, as in HeteroFL.
+    """
+
+    def __init__(self, cin: int, hidden: int, cout: int, stride: int, rate: float) -> None:
+        super().__init__()
+        self.scaler = Scaler(rate)
+        self.n1 = nn.BatchNorm2d(cin, track_running_stats=False)
+        self.conv1 = nn.Conv2d(cin, hidden, 3, stride=stride, padding=1, bias=False)
+        self.n2 = nn.BatchNorm2d(hidden, track_running_stats=False)
+        self.conv2 = nn.Conv2d(hidden, cout, 3, stride=1, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = nn.functional.relu(self.n1(self.scaler(x)))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(nn.functional.relu(self.n2(self.scaler(out))))
+        return out + shortcut
+
+
+class PreResNet18(nn.Module):
+    """HeteroFL/FedRolex pre-activation ResNet-18 for 32x32 images.
+
+    conv3x3 stem -> four stages of two :class:`PreActBlock` (hidden sizes 64,
+    128, 256, 512; strides 1, 2, 2, 2) -> BN -> ReLU -> global average pool ->
+    linear classifier.
+
+    Width groups follow the residual structure: stage ``layerS``'s residual
+    stream is one group ``layerS`` (the stem output for ``layer1``; the first
+    block's shortcut projection for the others; every block's ``conv2``
+    output, and every norm, conv and shortcut reading the stream), so every
+    tensor added to the stream is sliced with the same units. Each block's
+    inner channels (``conv1`` out, ``n2``, ``conv2`` in) are their own group
+    ``layerS.B``. The representation is the pooled ``layer4`` stream after the
+    final BN-ReLU (``feature_group = "layer4"``). Input channels and classes
+    are never split.
+    """
+
+    STAGES = (("layer1", 64, 1), ("layer2", 128, 2), ("layer3", 256, 2), ("layer4", 512, 2))
+    BLOCKS_PER_STAGE = 2
+    FULL_WIDTHS = {
+        "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512,  # residual streams
+        "layer1.0": 64, "layer1.1": 64, "layer2.0": 128, "layer2.1": 128,  # block inner channels
+        "layer3.0": 256, "layer3.1": 256, "layer4.0": 512, "layer4.1": 512,
+    }  # fmt: skip
+    feature_group = "layer4"
+
+    def __init__(
+        self,
+        widths: Mapping[str, int] | None = None,
+        rate: float = 1.0,
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        w = {**self.FULL_WIDTHS, **(widths or {})}
+        first = self.STAGES[0][0]
+        self.conv1 = nn.Conv2d(in_channels, w[first], 3, stride=1, padding=1, bias=False)
+        stream = first
+        for stage, _, stride in self.STAGES:
+            blocks = []
+            for b in range(self.BLOCKS_PER_STAGE):
+                cin = w[stream] if b == 0 else w[stage]
+                blocks.append(PreActBlock(cin, w[f"{stage}.{b}"], w[stage], stride if b == 0 else 1, rate))
+            setattr(self, stage, nn.Sequential(*blocks))
+            stream = stage
+        self.scaler = Scaler(rate)
+        self.n4 = nn.BatchNorm2d(w[stream], track_running_stats=False)
+        self.head_scaler = Scaler(rate)
+        self.head = nn.Linear(w[stream], num_classes)
+
+    def width_group_decls(self) -> list[GroupDecl]:
+        outputs: dict[str, list[str]] = {stage: [] for stage, _, _ in self.STAGES}
+        inputs: dict[str, list[str]] = {stage: [] for stage, _, _ in self.STAGES}
+        inner = []
+        stream = self.STAGES[0][0]
+        outputs[stream].append("conv1")
+        for stage, _, _ in self.STAGES:
+            for b, block in enumerate(getattr(self, stage)):
+                name, source = f"{stage}.{b}", stream if b == 0 else stage
+                outputs[source].append(f"{name}.n1")
+                inputs[source].append(f"{name}.conv1")
+                if block.shortcut is not None:
+                    inputs[source].append(f"{name}.shortcut")
+                    outputs[stage].append(f"{name}.shortcut")
+                elif source != stage:
+                    raise ValueError(f"{name} adds stream {source} to stream {stage} without a projection")
+                outputs[stage].append(f"{name}.conv2")
+                inner.append(GroupDecl(name, outputs=(f"{name}.conv1", f"{name}.n2"), inputs=(f"{name}.conv2",)))
+            stream = stage
+        outputs[stream].append("n4")
+        inputs[stream].append("head")
+        streams = [GroupDecl(s, outputs=tuple(outputs[s]), inputs=tuple(inputs[s])) for s, _, _ in self.STAGES]
+        return streams + inner
+
+    def features(self, x: Tensor) -> Tensor:
+        out = self.conv1(x)
+        for stage, _, _ in self.STAGES:
+            out = getattr(self, stage)(out)
+        out = nn.functional.relu(self.n4(self.scaler(out)))
+        return nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def classify(self, z: Tensor) -> Tensor:
+        return self.head(self.head_scaler(z))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.features(x))
+
+
+MODELS: dict[str, type[nn.Module]] = {"cnn": FashionCNN, "preresnet18": PreResNet18}
 
 
 def model_class(name: str) -> type[nn.Module]:

@@ -8,7 +8,8 @@ round is kept in ``Context.state`` for the next round's ``z_p``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from .config import data_settings
-from .data import load_partition
+from .data import load_partition, model_kwargs
 from .models import build_model, model_class
 from .protocol import ARRAYS, CONFIG, METRICS, PLAN, decode_plan, encode_plan
 from .splitting import plan_widths
@@ -62,13 +63,15 @@ def _received_plan(content: RecordDict, model_name: str) -> tuple[dict[str, torc
     return {name: torch.arange(k) for name, k in widths.items()}, widths
 
 
-def _previous_representation(state: RecordDict, model_name: str, feature_group: str) -> Representation | None:
+def _previous_representation(
+    state: RecordDict, make_model: Callable[..., torch.nn.Module], feature_group: str
+) -> Representation | None:
     """The participant's sub-model of its previous round, if it kept one."""
     if PREVIOUS_ARRAYS not in state.array_records:
         return None
     plan, widths = decode_plan(state.config_records[PREVIOUS_PLAN])
     rate = float(state.config_records[PREVIOUS_CONFIG]["split-rate"])  # type: ignore[arg-type]
-    model = build_model(model_name, plan_widths(plan), rate)
+    model = make_model(plan_widths(plan), rate)
     model.load_state_dict(state.array_records[PREVIOUS_ARRAYS].to_torch_state_dict())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -89,9 +92,10 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     rate = float(config.get("split-rate", 1.0))  # type: ignore[arg-type]
     model_name = str(config["model"])
+    make_model = partial(build_model, model_name, **model_kwargs(str(config["dataset"])))
 
     plan, full_widths = _received_plan(content, model_name)
-    model = build_model(model_name, plan_widths(plan), rate)
+    model = make_model(plan_widths(plan), rate)
     model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
 
     settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
@@ -101,7 +105,7 @@ def train(message: Message, context: Context) -> Message:
     current = Representation(model, plan[feature_group], full_widths[feature_group])
     previous = None
     if local.contrastive_weight > 0:
-        previous = _previous_representation(context.state, model_name, feature_group)
+        previous = _previous_representation(context.state, make_model, feature_group)
 
     metrics = train_local(model, dataset, local, current, previous)
     if local.contrastive_weight > 0:
@@ -113,7 +117,9 @@ def train(message: Message, context: Context) -> Message:
 
 
 def query(message: Message, context: Context) -> Message:
-    """Tell the server this node's partition id (used to rank participants)."""
+    """Tell the server this node's partition id (its rank) and, if set, its split-ratio budget."""
     partition_id, num_partitions = node_partition(context)
     profile = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    if "split-ratio" in context.node_config:
+        profile["split-ratio"] = float(context.node_config["split-ratio"])  # type: ignore[arg-type]
     return Message(RecordDict({"profile": profile}), reply_to=message)

@@ -46,8 +46,15 @@ CLIENT_KEYS = (
 
 
 def client_config(config: Mapping[str, Any]) -> ConfigRecord:
-    """The part of a resolved run config that participants need."""
-    return ConfigRecord({key: config[key] for key in CLIENT_KEYS})
+    """The part of a resolved run config that participants need.
+
+    Only MSfusion trains with the contrastive term; every other method sends
+    ``contrastive-weight = 0`` (plain cross-entropy).
+    """
+    record = ConfigRecord({key: config[key] for key in CLIENT_KEYS})
+    if config["method"] != "msfusion":
+        record["contrastive-weight"] = 0.0
+    return record
 
 
 def encode_plan(plan: Mapping[str, torch.Tensor], full_widths: Mapping[str, int]) -> ConfigRecord:

@@ -7,7 +7,9 @@ Every run writes to its output directory:
   with ``round``, ``accuracy`` and ``loss`` of the global model when evaluated,
   ``participants`` (partition ids), ``bytes_down``/``bytes_up`` (array bytes
   actually sent and received), ``train_loss``, ``failures``, ``wall_s`` (the
-  round's wall time) and ``elapsed_s``;
+  round's wall time) and ``elapsed_s``; per-participant measured costs
+  (``per_participant``), their per-round sums and maxima and their cumulative
+  totals (see :func:`summarize_costs` and :class:`CumulativeCosts`);
 * ``global_model.pt``: the final global model's state dict;
 * ``curves.png``: accuracy and loss of the global model against the round.
 """
@@ -40,6 +42,53 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+SUMMED_COSTS = ("bytes_down", "bytes_up", "flops", "train_time_s")
+"""Costs that add up over participants and rounds."""
+PEAK_COSTS = ("trained_params", "peak_memory_bytes")
+"""Costs of which only the per-round maximum over participants is meaningful."""
+
+
+def summarize_costs(costs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-round aggregates of the accepted participants' costs.
+
+    ``<cost>_sum`` over participants (summed costs only) and ``<cost>_max``,
+    the largest participant's. (The row's ``bytes_down`` also counts messages
+    sent to participants whose reply was left out; ``bytes_down_sum`` does not.)
+    """
+    summary: dict[str, float] = {}
+    for key in SUMMED_COSTS + PEAK_COSTS:
+        values = [c[key] for c in costs if not math.isnan(c[key])]
+        if key in SUMMED_COSTS:
+            summary[f"{key}_sum"] = sum(values)
+        summary[f"{key}_max"] = max(values, default=0.0)
+    return summary
+
+
+class CumulativeCosts:
+    """Running per-participant totals of the summed costs.
+
+    ``cum_<cost>``: total over all participants and rounds so far;
+    ``cum_<cost>_per_participant_max``: the largest single participant's total,
+    the figure to set beside accuracy when devices have a budget.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[int, dict[str, float]] = {}
+
+    def add(self, costs: list[dict[str, float]]) -> dict[str, float]:
+        for cost in costs:
+            mine = self.totals.setdefault(int(cost["partition_id"]), dict.fromkeys(SUMMED_COSTS, 0.0))
+            for key in SUMMED_COSTS:
+                if not math.isnan(cost[key]):
+                    mine[key] += cost[key]
+        out = {}
+        for key in SUMMED_COSTS:
+            per_participant = [t[key] for t in self.totals.values()]
+            out[f"cum_{key}"] = sum(per_participant)
+            out[f"cum_{key}_per_participant_max"] = max(per_participant, default=0.0)
+        return out
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -53,11 +102,15 @@ class RunReporter:
         (self.output_dir / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         (self.output_dir / METRICS_FILE).write_text("")
         self.num_rounds = int(config["num-server-rounds"])
+        self.cumulative = CumulativeCosts()
         self._start = time.perf_counter()
         log(INFO, "Writing run outputs to %s", self.output_dir)
 
     def record_round(self, row: dict[str, Any]) -> None:
-        """Append one round's row to metrics.jsonl and log one line about it."""
+        """Append one round's row (with cost aggregates) to metrics.jsonl; log one line."""
+        costs = row.get("per_participant", [])
+        row.update(summarize_costs(costs))
+        row.update(self.cumulative.add(costs))
         row["elapsed_s"] = time.perf_counter() - self._start
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,10 +1,11 @@
-"""Server-side strategies: MSfusion and a metered Flower FedAvg.
+"""Server-side strategies: partial training over the splitting engine, and metered FedAvg.
 
-``MSFusion`` plans one index window per sampled participant (an index policy
-over the splitting engine), sends each one its own message with only its
-slices, checks every reply against the plan sent to that node, and fuses the
-replies with overlap-aware aggregation. ``MeteredFedAvg`` is Flower's FedAvg,
-unchanged, with the same per-round accounting.
+``SubmodelStrategy`` runs every partial-training method (MSfusion and the
+baselines differ only in their index policy): it plans one sub-model per
+sampled participant at that participant's budget, sends each one its own
+message with only its slices, checks every reply against the plan sent to that
+node, and fuses the replies with overlap-aware aggregation. ``MeteredFedAvg``
+is Flower's FedAvg, unchanged, with the same per-round accounting.
 """
 
 from __future__ import annotations
@@ -23,16 +24,29 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from .index_policies import DoubleShift
+from .index_policies import IndexPolicy, PlanRequest
 from .protocol import ARRAYS, CONFIG, METRICS, PLAN, encode_plan, message_array_bytes
 from .splitting import IndexPlan, SplitSpec, SubmodelUpdate, aggregate, slice_state
 
 WEIGHT_KEY = "num-examples"
 
 
+COST_METRICS = {
+    "trained-params": "trained_params",
+    "train-flops": "flops",
+    "peak-memory-bytes": "peak_memory_bytes",
+    "train-time-s": "train_time_s",
+}
+"""ClientApp metric -> metrics.jsonl name of the measured per-participant costs."""
+
+
 @dataclass
 class RoundTraffic:
-    """What one round cost and who took part."""
+    """What one round cost and who took part.
+
+    ``costs`` holds one dict per accepted participant: ``partition_id``,
+    ``bytes_down``, ``bytes_up`` and the measured training costs (COST_METRICS).
+    """
 
     sampled: int = 0
     participants: list[int] = field(default_factory=list)
@@ -40,26 +54,42 @@ class RoundTraffic:
     bytes_up: int = 0
     failures: list[str] = field(default_factory=list)
     train_loss: float = math.nan
+    costs: list[dict[str, float]] = field(default_factory=list)
+    sent_bytes: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
+def participant_cost(reply: Message, bytes_down: int) -> dict[str, float]:
+    """One accepted participant's measured cost in this round."""
+    metrics = reply.content[METRICS]
+    cost = {"partition_id": int(metrics["partition-id"]), "bytes_down": bytes_down, "bytes_up": message_array_bytes(reply)}
+    for metric, name in COST_METRICS.items():
+        cost[name] = float(metrics[metric]) if metric in metrics else math.nan
+    return cost
+
+
 class TrafficMeter:
-    """Per-round participants, array bytes and failures, for any strategy."""
+    """Per-round participants, array bytes, measured costs and failures, for any strategy."""
 
     def __init__(self) -> None:
         self.rounds: dict[int, RoundTraffic] = {}
 
     def sent(self, server_round: int, messages: Sequence[Message]) -> None:
         """Record the train messages of a round."""
+        sent_bytes = {m.metadata.dst_node_id: message_array_bytes(m) for m in messages}
         self.rounds[server_round] = RoundTraffic(
-            sampled=len(messages), bytes_down=sum(message_array_bytes(m) for m in messages)
+            sampled=len(messages), bytes_down=sum(sent_bytes.values()), sent_bytes=sent_bytes
         )
 
     def received(self, server_round: int, accepted: Sequence[Message], failures: Sequence[str]) -> None:
         """Record the accepted replies and the reasons others were left out."""
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
-        traffic.bytes_up = sum(message_array_bytes(m) for m in accepted)
-        traffic.participants = sorted(int(m.content[METRICS]["partition-id"]) for m in accepted)
+        traffic.costs = sorted(
+            (participant_cost(m, traffic.sent_bytes.get(m.metadata.src_node_id, 0)) for m in accepted),
+            key=lambda c: c["partition_id"],
+        )
+        traffic.bytes_up = sum(int(c["bytes_up"]) for c in traffic.costs)
+        traffic.participants = [int(c["partition_id"]) for c in traffic.costs]
         traffic.failures = list(failures)
         weights = [float(m.content[METRICS][WEIGHT_KEY]) for m in accepted]
         losses = [float(m.content[METRICS]["train-loss"]) for m in accepted]
@@ -108,45 +138,86 @@ def wait_for_nodes(grid: Grid, minimum: int, poll_s: float = 1.0) -> list[int]:
     return nodes
 
 
-class MSFusion(Strategy):
-    """MSfusion: double-shifted sub-models and overlap-aware aggregation."""
+@dataclass(frozen=True)
+class NodeProfile:
+    """What a node tells about itself when queried (from its node config)."""
+
+    partition_id: int
+    split_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Each participant's split ratio r.
+
+    A node's own ``split-ratio`` (node config) wins; else ``by_partition``
+    cycles over partition ids (the ``budgets`` run-config list); else ``default``.
+    """
+
+    default: float
+    by_partition: tuple[float, ...] = ()
+
+    def ratio(self, profile: NodeProfile) -> float:
+        if profile.split_ratio is not None:
+            return profile.split_ratio
+        if self.by_partition:
+            return self.by_partition[profile.partition_id % len(self.by_partition)]
+        return self.default
+
+
+class SubmodelStrategy(Strategy):
+    """Partial training over the splitting engine: one index policy per method.
+
+    Each round: sample participants (seeded), rank them by partition id, ask
+    the policy for each one's plan at its budget, send each one only its
+    slices, check every reply against its plan, and fuse the accepted replies
+    with overlap-aware aggregation.
+    """
 
     def __init__(
         self,
         spec: SplitSpec,
-        policy: DoubleShift,
-        split_ratio: float,
+        policy: IndexPolicy,
+        budgets: Budgets,
         fraction_train: float = 1.0,
         min_available_nodes: int = 2,
         seed: int = 0,
     ) -> None:
         self.spec = spec
         self.policy = policy
-        self.split_ratio = split_ratio
+        self.budgets = budgets
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
         self.seed = seed
         self.meter = TrafficMeter()
-        self.partition_of: dict[int, int] = {}
+        self.profiles: dict[int, NodeProfile] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._plans: dict[int, IndexPlan] = {}
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def summary(self) -> None:
-        log(INFO, "\t├── split ratio %.3f, policy %s", self.split_ratio, self.policy)
+        log(INFO, "\t├── policy %s, budgets %s", self.policy, self.budgets)
         log(INFO, "\t├── width groups %s", self.spec.widths)
         log(INFO, "\t└── fraction-train %.2f, min available nodes %d", self.fraction_train, self.min_available_nodes)
 
-    def _learn_partitions(self, grid: Grid, nodes: Iterable[int]) -> None:
-        """Ask nodes not seen before for their partition id (one query each)."""
-        unknown = [n for n in nodes if n not in self.partition_of]
+    def _learn_profiles(self, grid: Grid, nodes: Iterable[int]) -> None:
+        """Ask nodes not seen before for their profile (one query each)."""
+        unknown = [n for n in nodes if n not in self.profiles]
         if not unknown:
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in grid.send_and_receive(queries):
             if not reply.has_error() and "profile" in reply.content.config_records:
                 profile = reply.content.config_records["profile"]
-                self.partition_of[reply.metadata.src_node_id] = int(profile["partition-id"])  # type: ignore[arg-type]
+                ratio = profile.get("split-ratio")
+                self.profiles[reply.metadata.src_node_id] = NodeProfile(
+                    int(profile["partition-id"]),  # type: ignore[arg-type]
+                    None if ratio is None else float(ratio),  # type: ignore[arg-type]
+                )
+
+    def profile(self, node: int) -> NodeProfile:
+        """A node's profile; nodes that did not answer rank last, by node id."""
+        return self.profiles.get(node, NodeProfile(partition_id=node % 2**31))
 
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
         """This round's participants, ordered by partition id (their rank).
@@ -155,8 +226,8 @@ class MSFusion(Strategy):
         connected nodes, so the same run config samples the same partitions.
         """
         nodes = wait_for_nodes(grid, self.min_available_nodes)
-        self._learn_partitions(grid, nodes)
-        ordered = sorted(nodes, key=lambda n: (self.partition_of.get(n, math.inf), n))
+        self._learn_profiles(grid, nodes)
+        ordered = sorted(nodes, key=lambda n: (n not in self.profiles, self.profile(n).partition_id, n))
         size = max(1, int(len(ordered) * self.fraction_train))
         rng = random.Random(f"{self.seed}:{server_round}")
         return [ordered[i] for i in sorted(rng.sample(range(len(ordered)), size))]
@@ -170,13 +241,27 @@ class MSFusion(Strategy):
         self._plans, self._expected = {}, {}
         messages = []
         for rank, node in enumerate(participants):
-            plan = self.policy.plan(self.spec.widths, self.split_ratio, rank, len(participants), server_round)
-            sub_state = slice_state(self._global, self.spec, plan)
-            self._plans[node] = plan
+            profile = self.profile(node)
+            request = PlanRequest(
+                widths=self.spec.widths,
+                ratio=self.budgets.ratio(profile),
+                rank=rank,
+                num_participants=len(participants),
+                server_round=server_round,
+                partition_id=profile.partition_id,
+                seed=self.seed,
+            )
+            assignment = self.policy.assign(request)
+            sub_state = slice_state(self._global, self.spec, assignment.plan)
+            self._plans[node] = assignment.plan
             self._expected[node] = {k: tuple(v.shape) for k, v in sub_state.items()}
-            train_config = ConfigRecord({**config, "server-round": server_round, "split-rate": self.split_ratio})
+            train_config = ConfigRecord({**config, "server-round": server_round, "split-rate": assignment.rate})
             content = RecordDict(
-                {ARRAYS: ArrayRecord(sub_state), CONFIG: train_config, PLAN: encode_plan(plan, self.spec.widths)}
+                {
+                    ARRAYS: ArrayRecord(sub_state),
+                    CONFIG: train_config,
+                    PLAN: encode_plan(assignment.plan, self.spec.widths),
+                }
             )
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.meter.sent(server_round, messages)
@@ -213,7 +298,7 @@ class MSFusion(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the server evaluates the full global model."""
+        """No federated evaluation: the server evaluates the global model."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

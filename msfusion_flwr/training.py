@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 EVAL_BATCH_SIZE = 1000
 """Batch size of server-side evaluation (BatchNorm uses batch statistics)."""
@@ -87,6 +91,85 @@ def _batches(loader: DataLoader, epochs: int) -> Iterator[tuple[Tensor, Tensor]]
                 yield x, y
 
 
+@dataclass
+class ResourceMeter:
+    """Measured cost of one participant's local training.
+
+    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the first
+    step (forward, backward and the contrastive term's extra forward passes;
+    the counter covers matmul/conv-like operators, not element-wise ones),
+    scaled by the number of examples trained on. Peak memory comes from
+    :class:`PeakTensorMemory` (parameters, gradients, optimizer state, the
+    batch, activations and temporaries, frozen copies included) on the first
+    two steps, the second one with optimizer state in place.
+    """
+
+    flops_per_example: float = 0.0
+    peak_memory_bytes: int = 0
+
+    def count_flops(self, step: Callable[[], None], batch_size: int) -> None:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        self.flops_per_example = counter.get_total_flops() / batch_size
+
+    def track_memory(self, step: Callable[[], None], resident: Iterable[Tensor]) -> None:
+        """Peak bytes of tensor storage alive during one step (``resident``: what exists before it)."""
+        with PeakTensorMemory(resident) as tracker:
+            step()
+        self.peak_memory_bytes = max(self.peak_memory_bytes, tracker.peak)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage while the mode is active.
+
+    Starts from the storages of ``resident`` (parameters, gradients, optimizer
+    state, the batch) and adds every storage an operator creates, releasing it
+    when PyTorch frees it (storages keep their Python object, so a weakref
+    finalizer fires on the real free). Views share their base's storage and are
+    counted once.
+    """
+
+    def __init__(self, resident: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = self.peak = 0
+        for tensor in resident:
+            self._track(tensor)
+
+    def _track(self, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        self._live[key] = storage.nbytes()
+        self.current += self._live[key]
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, Tensor):
+                self._track(leaf)
+        return out
+
+
+def resident_tensors(models: Iterable[nn.Module], optimizer: torch.optim.Optimizer, batch: Iterable[Tensor]) -> list[Tensor]:
+    """Tensors that live across a training step: parameters, gradients, optimizer state, the batch."""
+    tensors = list(batch)
+    for model in models:
+        for p in model.parameters():
+            tensors.append(p)
+            if p.grad is not None:
+                tensors.append(p.grad)
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, Tensor)]
+    return tensors
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset,
@@ -94,7 +177,7 @@ def train_local(
     current: Representation,
     previous: Representation | None,
 ) -> dict[str, float]:
-    """Train ``model`` in place; returns mean losses, example count and time.
+    """Train ``model`` in place; returns mean losses, example count, cost and time.
 
     ``current`` holds the feature placement of ``model``; its frozen copy is
     ``z_g``. ``previous`` (the sub-model of this participant's last round) gives
@@ -115,11 +198,11 @@ def train_local(
     )
     use_contrastive = settings.contrastive_weight > 0 and previous is not None
     received = Representation(frozen_copy(model), current.feature_index, current.width)
-    mean_ce = mean_con = 0.0
-    steps = 0
-    start = time.perf_counter()
-    model.train()
-    for x, y in _batches(loader, settings.epochs):
+    models = [model, received.model] + ([previous.model] if use_contrastive else [])  # type: ignore[union-attr]
+    meter = ResourceMeter()
+    totals = {"ce": 0.0, "con": 0.0}
+
+    def step(x: Tensor, y: Tensor) -> None:
         z = model.features(x)  # type: ignore[operator]
         ce = F.cross_entropy(model.classify(z), y)  # type: ignore[operator]
         loss = ce
@@ -129,20 +212,36 @@ def train_local(
             z_embedded = embed_features(z, current.feature_index, current.width)
             con = contrastive_loss(z_embedded, z_global, z_prev, settings.contrastive_temperature)
             loss = ce + settings.contrastive_weight * con
-            mean_con += con.item()
+            totals["con"] += con.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        mean_ce += ce.item()
+        totals["ce"] += ce.item()
+
+    steps = examples = 0
+    start = time.perf_counter()
+    model.train()
+    for x, y in _batches(loader, settings.epochs):
+        if steps == 0:
+            resident = resident_tensors(models, optimizer, (x, y))
+            meter.count_flops(lambda: meter.track_memory(lambda: step(x, y), resident), len(y))
+        elif steps == 1:
+            meter.track_memory(lambda: step(x, y), resident_tensors(models, optimizer, (x, y)))
+        else:
+            step(x, y)
         steps += 1
+        examples += len(y)
     steps_or_one = max(steps, 1)
     return {
         "num-examples": float(len(dataset)),  # type: ignore[arg-type]
-        "train-loss": (mean_ce + settings.contrastive_weight * mean_con) / steps_or_one,
-        "train-ce": mean_ce / steps_or_one,
-        "train-contrastive": mean_con / steps_or_one,
+        "train-loss": (totals["ce"] + settings.contrastive_weight * totals["con"]) / steps_or_one,
+        "train-ce": totals["ce"] / steps_or_one,
+        "train-contrastive": totals["con"] / steps_or_one,
         "train-steps": float(steps),
         "train-time-s": time.perf_counter() - start,
+        "trained-params": float(sum(p.numel() for p in model.parameters())),
+        "train-flops": meter.flops_per_example * examples,
+        "peak-memory-bytes": float(meter.peak_memory_bytes),
     }
 
 
