@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from torch.utils.data import Dataset
 
 from . import participant
-from .config import ConfigError, data_settings, parse_budgets, resolve_config
-from .data import load_test_set, model_kwargs
+from .config import ConfigError, data_settings, distill_settings, parse_budgets, resolve_config
+from .data import load_server_set, load_test_set, model_kwargs
 from .index_policies import (
     DoubleShift,
     FullWidth,
@@ -39,7 +41,7 @@ from .models import build_model, model_class
 from .protocol import client_config
 from .reporting import RunReporter, default_output_dir
 from .splitting import SplitSpec
-from .strategy import Budgets, MeteredFedAvg, RoundTraffic, SubmodelStrategy, TrafficMeter
+from .strategy import Budgets, EnsembleDistillation, MeteredFedAvg, RoundTraffic, SubmodelStrategy, TrafficMeter
 from .training import evaluate
 
 
@@ -57,6 +59,11 @@ POLICIES: dict[str, Callable[[Mapping[str, Any]], IndexPolicy]] = {
 }
 """Partial-training methods: the index policy each one runs over the engine."""
 
+DISTILLATION_METHODS: dict[str, str] = {"feddf": "heterofl"}
+"""Methods that fuse by ensemble distillation on the server slice (``server-data-fraction``),
+and the partial-training method (:data:`POLICIES`) whose participants they run:
+FedDF with heterogeneous widths trains HeteroFL's static-prefix sub-models."""
+
 
 def global_widths(config: Mapping[str, Any]) -> dict[str, int] | None:
     """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one."""
@@ -66,22 +73,39 @@ def global_widths(config: Mapping[str, Any]) -> dict[str, int] | None:
     return {name: window_length(float(config["split-ratio"]), k) for name, k in full.items()}
 
 
-def make_strategy(config: Mapping[str, Any], spec: SplitSpec) -> SubmodelStrategy | MeteredFedAvg:
-    """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy."""
-    if config["method"] == "fedavg":
+def make_strategy(
+    config: Mapping[str, Any], spec: SplitSpec, server_set: Dataset | None = None
+) -> SubmodelStrategy | MeteredFedAvg:
+    """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy.
+
+    Distillation methods (``feddf``) also get the server set: ``server_set``,
+    or else the run's server slice (:func:`~msfusion_flwr.data.load_server_set`).
+    """
+    method = str(config["method"])
+    if method == "fedavg":
         return MeteredFedAvg(
             fraction_train=float(config["fraction-train"]),
             min_train_nodes=1,
             min_available_nodes=int(config["min-available-nodes"]),
         )
-    return SubmodelStrategy(
-        spec,
-        POLICIES[str(config["method"])](config),
-        Budgets(float(config["split-ratio"]), parse_budgets(str(config["budgets"]))),
-        fraction_train=float(config["fraction-train"]),
-        min_available_nodes=int(config["min-available-nodes"]),
-        seed=int(config["seed"]),
-    )
+    policy = POLICIES[DISTILLATION_METHODS.get(method, method)](config)
+    budgets = Budgets(float(config["split-ratio"]), parse_budgets(str(config["budgets"])))
+    options: dict[str, Any] = {
+        "fraction_train": float(config["fraction-train"]),
+        "min_available_nodes": int(config["min-available-nodes"]),
+        "seed": int(config["seed"]),
+    }
+    if method in DISTILLATION_METHODS:
+        return EnsembleDistillation(
+            spec,
+            policy,
+            budgets,
+            make_model=partial(build_model, str(config["model"]), **model_kwargs(str(config["dataset"]))),
+            server_set=load_server_set(data_settings(config)) if server_set is None else server_set,
+            distill=distill_settings(config),
+            **options,
+        )
+    return SubmodelStrategy(spec, policy, budgets, **options)
 
 
 def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTraffic | None, wall_s: float) -> dict[str, Any]:
@@ -97,6 +121,7 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
         "train_loss": None if math.isnan(traffic.train_loss) else traffic.train_loss,
         "failures": traffic.failures,
         "per_participant": traffic.costs,
+        "server_costs": traffic.server_costs,
         "wall_s": wall_s,
     }
 

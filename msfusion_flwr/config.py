@@ -13,11 +13,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .data import NUM_CLASSES, PARTITIONERS, DataSettings
+from .distillation import DistillSettings
 from .models import MODELS
 
-METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord")
+METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
-partial-training strategy with their index policy (see index_policies.py)."""
+partial-training strategy with their index policy (see index_policies.py);
+``feddf`` runs HeteroFL's participants and fuses by ensemble distillation on
+the server slice (``server-data-fraction``, which it requires to be > 0)."""
 
 DEFAULTS: dict[str, Any] = {
     "method": "msfusion",
@@ -32,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "shift-step": 1,
     "inter-participant-shift": True,
     "fjord-levels": 8,
+    "distill-steps": 50,
+    "distill-batch-size": 128,
+    "distill-learning-rate": 0.001,
+    "distill-temperature": 1.0,
     "contrastive-weight": 1.0,
     "contrastive-temperature": 0.5,
     "local-epochs": 1,
@@ -43,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "dirichlet-alpha": 0.5,
     "classes-per-partition": 2,
     "data-fraction": 1.0,
+    "server-data-fraction": 0.0,
     "seed": 0,
     "eval-every": 1,
     "data-dir": "",
@@ -129,6 +137,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shift-step": _integer(0),
     "inter-participant-shift": _boolean(),
     "fjord-levels": _integer(1),
+    "distill-steps": _integer(1),
+    "distill-batch-size": _integer(1),
+    "distill-learning-rate": _number(0.0, INF, True, True),
+    "distill-temperature": _number(0.0, INF, True, True),
     "contrastive-weight": _number(0.0, INF, False, True),
     "contrastive-temperature": _number(0.0, INF, True, True),
     "local-epochs": _integer(1),
@@ -140,6 +152,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dirichlet-alpha": _number(0.0, INF, True, True),
     "classes-per-partition": _integer(1),
     "data-fraction": _number(0.0, 1.0, True, False),
+    "server-data-fraction": _number(0.0, 1.0, False, True),
     "seed": _integer(0),
     "eval-every": _integer(1),
     "data-dir": _string(),
@@ -168,6 +181,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'classes-per-partition' must be at most {num_classes} for "
             f"{config['dataset']}, got {config['classes-per-partition']}"
         )
+    if config["method"] == "feddf" and config["server-data-fraction"] == 0:
+        raise ConfigError(
+            "config key 'server-data-fraction' must be > 0 for method 'feddf' "
+            f"(its unlabeled distillation data), got {config['server-data-fraction']!r}"
+        )
     return config
 
 
@@ -181,4 +199,15 @@ def data_settings(config: Mapping[str, Any]) -> DataSettings:
         classes_per_partition=int(config["classes-per-partition"]),
         data_fraction=float(config["data-fraction"]),
         seed=int(config["seed"]),
+        server_fraction=float(config["server-data-fraction"]),
+    )
+
+
+def distill_settings(config: Mapping[str, Any]) -> DistillSettings:
+    """The server-side distillation view of a resolved config (FedDF)."""
+    return DistillSettings(
+        steps=int(config["distill-steps"]),
+        batch_size=int(config["distill-batch-size"]),
+        learning_rate=float(config["distill-learning-rate"]),
+        temperature=float(config["distill-temperature"]),
     )

@@ -18,6 +18,13 @@ horizontal flip) every time an example is drawn.
 
 Either way partitions are deterministic by seed and identical on every node
 that computes them.
+
+``server-data-fraction`` holds a seeded fraction of the (``data-fraction``)
+training subset out for the server (:func:`server_split`): those examples are
+removed from what the partitioner splits, for every method, and
+:func:`load_server_set` returns them (FedDF distils on them without labels).
+With ``server-data-fraction = 0`` nothing is held out and the partitions are
+exactly those without the option.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class DataSettings:
     classes_per_partition: int = 2
     data_fraction: float = 1.0
     seed: int = 0
+    server_fraction: float = 0.0
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -170,15 +178,42 @@ def training_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray
     return np.sort(rng.choice(num_examples, size=keep, replace=False))
 
 
+SERVER_SLICE_STREAM = 1
+"""Second entry of the server slice's seed, ``default_rng([seed, SERVER_SLICE_STREAM])``:
+a stream independent of ``training_subset``'s ``default_rng(seed)``."""
+
+
+def server_split(
+    num_examples: int, data_fraction: float, server_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(participants' pool, server slice)``: disjoint, ascending training-example indices.
+
+    The ``data_fraction`` subset (:func:`training_subset`) is split: a seeded
+    ``round(server_fraction * n)`` of its ``n`` examples (at least one, at most
+    ``n - 1``) go to the server, the rest to the participants' partitioner.
+    With ``server_fraction == 0`` the pool is the subset itself and the slice empty.
+    """
+    subset = training_subset(num_examples, data_fraction, seed)
+    if server_fraction <= 0.0:
+        return subset, subset[:0]
+    size = min(len(subset) - 1, max(1, int(round(server_fraction * len(subset)))))
+    held = np.zeros(len(subset), dtype=bool)
+    held[np.random.default_rng([seed, SERVER_SLICE_STREAM]).choice(len(subset), size=size, replace=False)] = True
+    return subset[~held], subset[held]
+
+
 @lru_cache(maxsize=4)
 def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.ndarray, ...]:
-    """Training-example indices of every partition (rows of the training split)."""
+    """Training-example indices of every partition (rows of the training split).
+
+    The server slice (``settings.server_fraction``) is never in any partition.
+    """
     if settings.dataset in HUB_DATASETS:
         return _hub_partition_indices(settings, num_partitions)
     from datasets import Dataset
 
     _, labels = load_fashion_mnist(settings.data_dir)["train"]
-    subset = training_subset(len(labels), settings.data_fraction, settings.seed)
+    subset, _ = server_split(len(labels), settings.data_fraction, settings.server_fraction, settings.seed)
     table = Dataset.from_dict({"label": labels.numpy()[subset], "index": subset})
     partitioner = make_partitioner(settings, num_partitions)
     partitioner.dataset = table
@@ -210,6 +245,25 @@ def load_test_set(settings: DataSettings) -> TensorDataset:
         return TensorDataset(standardize(images, spec.mean, spec.std), labels)
     images, labels = load_fashion_mnist(settings.data_dir)["test"]
     return TensorDataset(normalize_images(images), labels)
+
+
+def load_server_set(settings: DataSettings) -> TensorDataset:
+    """The server's held-out slice of the training set (:func:`server_split`), without augmentation.
+
+    Images are normalised as the test set's; the labels are in the dataset
+    (a ``TensorDataset`` of images and labels) but FedDF's distillation never
+    reads them. Empty when ``server_fraction == 0``.
+    """
+    if settings.dataset in HUB_DATASETS:
+        spec = HUB_DATASETS[settings.dataset]
+        images, labels = load_hub_split(settings.dataset, settings.data_dir, "train")
+        _, held = server_split(len(labels), settings.data_fraction, settings.server_fraction, settings.seed)
+        idx = torch.from_numpy(held)
+        return TensorDataset(standardize(images[idx], spec.mean, spec.std), labels[idx])
+    images, labels = load_fashion_mnist(settings.data_dir)["train"]
+    _, held = server_split(len(labels), settings.data_fraction, settings.server_fraction, settings.seed)
+    idx = torch.from_numpy(held)
+    return TensorDataset(normalize_images(images[idx]), labels[idx])
 
 
 def model_kwargs(dataset: str) -> dict[str, int]:
@@ -326,17 +380,20 @@ def load_hub_split(dataset: str, data_dir: str, split: str) -> tuple[torch.Tenso
 
 class _FractionAndShuffle:
     """FederatedDataset preprocessor: keep the training split's labels and row numbers
-    (column ``index``), take the seeded ``data-fraction`` subset, shuffle it with the seed."""
+    (column ``index``), take the seeded ``data-fraction`` subset less the server slice
+    (:func:`server_split`), shuffle it with the seed."""
 
-    def __init__(self, label_column: str, fraction: float, seed: int) -> None:
+    def __init__(self, label_column: str, fraction: float, seed: int, server_fraction: float = 0.0) -> None:
         self.label_column, self.fraction, self.seed = label_column, fraction, seed
+        self.server_fraction = server_fraction
 
     def __call__(self, dataset_dict: Any) -> Any:
         from datasets import DatasetDict
 
         train = dataset_dict["train"].select_columns([self.label_column])
         train = train.add_column("index", np.arange(len(train), dtype=np.int64))
-        train = train.select(training_subset(len(train), self.fraction, self.seed))
+        pool, _ = server_split(len(train), self.fraction, self.server_fraction, self.seed)
+        train = train.select(pool)
         return DatasetDict({"train": train.shuffle(seed=self.seed)})
 
 
@@ -346,7 +403,9 @@ def _hub_partition_indices(settings: DataSettings, num_partitions: int) -> tuple
         settings.dataset,
         settings.data_dir,
         partitioners={"train": make_partitioner(settings, num_partitions, partition_by=spec.label_column)},
-        preprocessor=_FractionAndShuffle(spec.label_column, settings.data_fraction, settings.seed),
+        preprocessor=_FractionAndShuffle(
+            spec.label_column, settings.data_fraction, settings.seed, settings.server_fraction
+        ),
     )
     # Prepare the dataset here, so that a missing one is a one-line error.
     _load_split(fds, settings.dataset, settings.data_dir, "train", [spec.label_column, "index"])

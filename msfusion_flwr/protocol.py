@@ -33,6 +33,7 @@ CLIENT_KEYS = (
     "dirichlet-alpha",
     "classes-per-partition",
     "data-fraction",
+    "server-data-fraction",
     "seed",
     "local-epochs",
     "batch-size",

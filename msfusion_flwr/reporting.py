@@ -9,7 +9,9 @@ Every run writes to its output directory:
   actually sent and received), ``train_loss``, ``failures``, ``wall_s`` (the
   round's wall time) and ``elapsed_s``; per-participant measured costs
   (``per_participant``), their per-round sums and maxima and their cumulative
-  totals (see :func:`summarize_costs` and :class:`CumulativeCosts`);
+  totals (see :func:`summarize_costs` and :class:`CumulativeCosts`), and
+  ``server_costs``, the server's own training in the round (FedDF's
+  ``distill_time_s`` and ``distill_flops``; empty for other methods);
 * ``global_model.pt``: the final global model's state dict;
 * ``curves.png``: accuracy and loss of the global model against the round.
 """

@@ -4,8 +4,10 @@
 baselines differ only in their index policy): it plans one sub-model per
 sampled participant at that participant's budget, sends each one its own
 message with only its slices, checks every reply against the plan sent to that
-node, and fuses the replies with overlap-aware aggregation. ``MeteredFedAvg``
-is Flower's FedAvg, unchanged, with the same per-round accounting.
+node, and fuses the replies with overlap-aware aggregation.
+``EnsembleDistillation`` (FedDF) then distils the participants' ensemble into
+the fused model on unlabeled server data. ``MeteredFedAvg`` is Flower's FedAvg,
+unchanged, with the same per-round accounting.
 """
 
 from __future__ import annotations
@@ -13,20 +15,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
+from torch import nn
+from torch.utils.data import Dataset
 
+from .distillation import DistillSettings, ensemble_distillation, unlabeled_inputs
 from .index_policies import IndexPolicy, PlanRequest
 from .protocol import ARRAYS, CONFIG, METRICS, PLAN, encode_plan, message_array_bytes
-from .splitting import IndexPlan, SplitSpec, SubmodelUpdate, aggregate, slice_state
+from .splitting import IndexPlan, SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
 
 WEIGHT_KEY = "num-examples"
 
@@ -46,6 +52,8 @@ class RoundTraffic:
 
     ``costs`` holds one dict per accepted participant: ``partition_id``,
     ``bytes_down``, ``bytes_up`` and the measured training costs (COST_METRICS).
+    ``server_costs`` holds the server's own training cost in the round (FedDF's
+    distillation: ``distill_time_s``, ``distill_flops``; empty for other methods).
     """
 
     sampled: int = 0
@@ -55,6 +63,7 @@ class RoundTraffic:
     failures: list[str] = field(default_factory=list)
     train_loss: float = math.nan
     costs: list[dict[str, float]] = field(default_factory=list)
+    server_costs: dict[str, float] = field(default_factory=dict)
     sent_bytes: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -193,7 +202,9 @@ class SubmodelStrategy(Strategy):
         self.profiles: dict[int, NodeProfile] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._plans: dict[int, IndexPlan] = {}
+        self._rates: dict[int, float] = {}
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._accepted: list[Message] = []
 
     def summary(self) -> None:
         log(INFO, "\t├── policy %s, budgets %s", self.policy, self.budgets)
@@ -238,7 +249,7 @@ class SubmodelStrategy(Strategy):
         """One message per participant, carrying only its slices and its plan."""
         participants = self.sample_participants(server_round, grid)
         self._global = arrays.to_torch_state_dict()
-        self._plans, self._expected = {}, {}
+        self._plans, self._rates, self._expected = {}, {}, {}
         messages = []
         for rank, node in enumerate(participants):
             profile = self.profile(node)
@@ -254,6 +265,7 @@ class SubmodelStrategy(Strategy):
             assignment = self.policy.assign(request)
             sub_state = slice_state(self._global, self.spec, assignment.plan)
             self._plans[node] = assignment.plan
+            self._rates[node] = assignment.rate
             self._expected[node] = {k: tuple(v.shape) for k, v in sub_state.items()}
             train_config = ConfigRecord({**config, "server-round": server_round, "split-rate": assignment.rate})
             content = RecordDict(
@@ -270,7 +282,7 @@ class SubmodelStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Overlap-aware aggregation of the replies that match their plans."""
+        """Overlap-aware aggregation of the replies that match their plans (kept in ``_accepted``)."""
         accepted, failures, replied = [], [], set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -282,6 +294,7 @@ class SubmodelStrategy(Strategy):
                 failures.append(reason)
         failures += [f"node {n}: no reply" for n in sorted(set(self._expected) - replied)]
         self.meter.received(server_round, accepted, failures)
+        self._accepted = accepted
         if not accepted:
             return None, None
         updates = [
@@ -303,6 +316,75 @@ class SubmodelStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def distillation_seed(seed: int, server_round: int) -> int:
+    """Seed of a round's distillation batches, from the run seed and the round."""
+    return int(np.random.SeedSequence([seed, server_round, 0xD157]).generate_state(1)[0])
+
+
+class EnsembleDistillation(SubmodelStrategy):
+    """FedDF: the partial-training round, then ensemble distillation on unlabeled server data.
+
+    After :meth:`SubmodelStrategy.aggregate_train` has fused the accepted
+    replies (overlap-aware aggregation: FedAvg for equal widths, HeteroFL's
+    fusion otherwise), every accepted participant's model is rebuilt at its
+    plan widths and rate and their averaged logits on the server set teach the
+    fused full-width model (see :mod:`msfusion_flwr.distillation`). Only the
+    server set's inputs are kept; its labels are dropped on construction.
+    """
+
+    def __init__(
+        self,
+        spec: SplitSpec,
+        policy: IndexPolicy,
+        budgets: Budgets,
+        make_model: Callable[[Mapping[str, int], float], nn.Module],
+        server_set: Dataset,
+        distill: DistillSettings = DistillSettings(),
+        **kwargs: float,
+    ) -> None:
+        super().__init__(spec, policy, budgets, **kwargs)  # type: ignore[arg-type]
+        self.make_model = make_model
+        self.server_inputs = unlabeled_inputs(server_set)
+        if len(self.server_inputs) < 2:
+            raise ValueError(f"ensemble distillation needs >= 2 server examples, got {len(self.server_inputs)}")
+        self.distill = distill
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└── ensemble distillation on %d server examples: %s", len(self.server_inputs), self.distill)
+
+    def teachers(self, replies: Sequence[Message]) -> list[nn.Module]:
+        """Every reply's model at its own plan widths and rate."""
+        models = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            model = self.make_model(plan_widths(self._plans[node]), self._rates[node])
+            model.load_state_dict(reply.content[ARRAYS].to_torch_state_dict())
+            models.append(model)
+        return models
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Overlap-aware aggregation, then distillation of the accepted replies' ensemble into it."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        student = self.make_model(dict(self.spec.widths), 1.0)
+        student.load_state_dict(arrays.to_torch_state_dict())
+        generator = torch.Generator().manual_seed(distillation_seed(self.seed, server_round))
+        cost = ensemble_distillation(student, self.teachers(self._accepted), self.server_inputs, self.distill, generator)
+        traffic = self.meter.rounds[server_round]
+        traffic.server_costs = {"distill_time_s": cost["distill-time-s"], "distill_flops": cost["distill-flops"]}
+        log(
+            INFO,
+            "round %d: distilled %d teachers, KL %.4f -> %.4f (first/last batch), %.1f s",
+            server_round, len(self._accepted), cost["distill-loss-first"], cost["distill-loss-last"], cost["distill-time-s"],
+        )  # fmt: skip
+        merged = MetricRecord({**(metrics or {}), **cost})
+        return ArrayRecord(student.state_dict()), merged
 
 
 class MeteredFedAvg(FedAvg):

@@ -216,6 +216,25 @@ def test_data_fraction_keeps_seeded_subset(hub_copies, fraction):
     assert set(data_mod.training_subset(n_train, fraction, 5).tolist()) == first
 
 
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_server_slice_is_held_out_of_the_partitions(hub_copies, partitioner):
+    """server-data-fraction: a seeded slice of the data-fraction subset, in no partition, served unaugmented
+    (standardised pixels and labels of its rows); the partitions cover the rest."""
+    folder, written = hub_copies["cifar10"]
+    spec = HUB_DATASETS["cifar10"]
+    base = {"dataset": "cifar10", "data_dir": folder, "partitioner": partitioner, "dirichlet_alpha": 1.0, "seed": 3}
+    settings = DataSettings(**base, data_fraction=0.5, server_fraction=0.25)
+    pool, held = data_mod.server_split(N_TRAIN["cifar10"], 0.5, 0.25, 3)
+    assert len(held) == round(0.25 * 60) and set(pool) | set(held) == set(data_mod.training_subset(120, 0.5, 3))
+    covered = assert_disjoint(partition_indices(settings, 3), N_TRAIN["cifar10"])
+    assert covered == set(pool.tolist()) and not covered & set(held.tolist())
+    x, y = data_mod.load_server_set(settings).tensors
+    assert torch.equal(x, standardize(as_chw(written["train"]["pixels"][held]), spec.mean, spec.std))
+    assert y.tolist() == written["train"]["labels"][held].tolist()
+    assert len(data_mod.load_server_set(DataSettings(**base))) == 0
+    assert assert_disjoint(partition_indices(DataSettings(**base), 3), N_TRAIN["cifar10"]) == set(range(120))
+
+
 def test_augmentation_changes_images_keeps_shape_and_follows_manual_seed(hub_copies):
     """Training examples are random crops (4-pixel zero padding) and flips of the stored image, standardised;
     the draws follow torch.manual_seed; batches come through DataLoader with the right shapes."""

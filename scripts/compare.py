@@ -1,0 +1,42 @@
+"""Run a comparison matrix (resumable) and write results.csv, results.md and plots.
+
+    .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir docs/results/fashion-mnist
+    .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --report-only
+
+Runs that already finished with the same config are skipped; the report covers
+the finished runs. See msfusion_flwr/comparison.py for the matrix format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from msfusion_flwr.comparison import MatrixError, expand, load_matrix, run_matrix, write_report
+from msfusion_flwr.config import ConfigError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("matrix", help="matrix file (TOML)")
+    parser.add_argument("--results-dir", required=True, type=Path)
+    parser.add_argument("--report-only", action="store_true", help="write the report from finished runs; run nothing")
+    parser.add_argument("--verbose", action="store_true", help="keep Flower's INFO log")
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        matrix = load_matrix(args.matrix)
+        specs = expand(matrix)
+    except (MatrixError, ConfigError) as error:
+        sys.exit(f"error: {error}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run_matrix(specs, args.results_dir, verbose=args.verbose)
+    for path in write_report(matrix, specs, args.results_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""End-to-end under Flower's deployment engine: ``scripts/deploy_local.py``.
+
+A real SuperLink and real SuperNodes (separate processes, on loopback, free
+ports, their own ``FLWR_HOME``) run the app from a copy of the repository via
+``flwr run``. Each SuperNode's ``--node-config`` carries its partition and its
+own ``split-ratio`` budget, which reaches the server through the profile query:
+the bytes each participant receives must follow its budget. Every test also
+checks that no process the deployment started is left running, by PID.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks read /proc")
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "deploy_local.py"
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info")
+RUN_TIMEOUT_S = 300
+
+
+def _load_launcher():
+    spec = importlib.util.spec_from_file_location("deploy_local", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_local"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+dl = _load_launcher()
+
+
+def _quick(output_dir: Path, rounds: int, nodes: int) -> dict[str, object]:
+    return {
+        "num-server-rounds": rounds,
+        "data-fraction": 0.02,
+        "min-available-nodes": nodes,
+        "eval-every": 100,  # evaluate at round 0 and at the end only
+        "output-dir": str(output_dir),
+    }
+
+
+def _rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _bytes_down_by_partition(row: dict) -> dict[int, int]:
+    return {int(c["partition_id"]): int(c["bytes_down"]) for c in row["per_participant"]}
+
+
+def _full_model_bytes() -> int:
+    from msfusion_flwr.models import build_model
+
+    return sum(t.numel() * t.element_size() for t in build_model("cnn").state_dict().values())
+
+
+def _pids_with_env(entry: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if entry.encode() in (proc / "environ").read_bytes().split(b"\0") and dl.pid_alive(int(proc.name)):
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def _assert_all_stopped(dep) -> None:
+    assert dep.started_pids and set(dep.started_pids) <= dep.seen_pids
+    assert not [pid for pid in dep.seen_pids if dl.pid_alive(pid) and pid in dl.pids_with_marker(dep.marker)]
+    assert dep.leftovers() == []
+    assert _pids_with_env(f"FLWR_HOME={dep.flwr_home}") == []
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the repository: the app ``flwr run`` builds (no outputs/, no .venv)."""
+    copy = tmp_path_factory.mktemp("deploy") / "app"
+    shutil.copytree(REPO, copy, ignore=COPY_IGNORE)
+    return copy
+
+
+def test_insecure_supernodes_train_at_their_own_budgets(app: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "outputs" / "budgets"
+    dep = dl.LocalDeployment(
+        nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1
+    )
+    try:
+        with dep:
+            assert len(dep.online_nodes()) == 3
+            assert [s.node_config for s in dep.specs] == [
+                "partition-id=0 num-partitions=3 split-ratio=0.25",
+                "partition-id=1 num-partitions=3 split-ratio=0.5",
+                "partition-id=2 num-partitions=3 split-ratio=1.0",
+            ]
+            result = dep.run(_quick(output_dir, rounds=2, nodes=3), timeout=RUN_TIMEOUT_S)
+            # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`.
+            invalid = dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)
+            # A crashed SuperNode comes back (same port and node config) as a new node.
+            before = set(dep.online_nodes())
+            crashed = dep.kill_supernode(0)
+            assert not dl.pid_alive(crashed)
+            assert dep.restart_supernode(0) not in before
+            assert dep.supernodes[0].pid != crashed
+    finally:
+        dep.stop()
+    _assert_all_stopped(dep)
+    assert crashed in dep.started_pids and len(dep.started_pids) == 5
+
+    assert result.status == "finished:completed", result.log[-4000:]
+    assert result.returncode == 0
+    assert result.output_dir == output_dir
+    rows = _rows(output_dir)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["participants"] == [0, 1, 2], row
+        assert row["failures"] == []
+        down = _bytes_down_by_partition(row)
+        assert down[0] < down[1] < down[2], down
+        assert down[2] == _full_model_bytes()  # split-ratio 1.0: the whole model
+        assert row["bytes_down"] == sum(down.values())
+    assert rows[-1]["accuracy"] > 0.1
+
+    assert invalid.status == "finished:failed", invalid.log[-4000:]
+    assert invalid.returncode == 0
+    assert "invalid run config: config key 'split-ratio'" in invalid.log
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="TLS certificates are generated with the openssl CLI")
+def test_tls_deployment_through_the_command_line(app: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "outputs" / "tls"
+    work = tmp_path / "deploy"
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in _quick(output_dir, rounds=1, nodes=2).items())
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--nodes", "2", "--budgets", "0.25,0.5", "--tls", "--node-threads", "1",
+         "--app", str(app), "--work-dir", str(work), "--run-config", run_config],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert re.search(r"Run \d+: finished:completed", out), out[-4000:]
+    assert f"Run outputs: {output_dir}" in out
+
+    # TLS everywhere: the SuperLink serves HTTPS, the CLI and the SuperNodes trust the generated CA.
+    certs = work / "certs"
+    assert all((certs / name).is_file() for name in ("ca.pem", "server.pem", "server.key"))
+    assert "running on https://127.0.0.1:" in (work / "logs" / "superlink.log").read_text(errors="replace")
+    config = (work / "flwr-home" / "config.toml").read_text()
+    assert f'root-certificates = "{certs / "ca.pem"}"' in config and "insecure" not in config
+    assert "--root-certificates" in out and "--insecure" not in out.split("Started PIDs")[0]
+
+    rows = _rows(output_dir)
+    assert [row["round"] for row in rows] == [0, 1]
+    assert rows[1]["participants"] == [0, 1]
+    down = _bytes_down_by_partition(rows[1])
+    assert down[0] < down[1], down
+
+    # Every PID it printed, and everything that ran with its FLWR_HOME, is gone.
+    started = json.loads(re.search(r"Started PIDs (\[[\d, ]+\])", out).group(1))
+    stopped = json.loads(re.search(r"Stopped \d+ processes \(PIDs (\[[\d, ]*\])\)", out).group(1))
+    assert len(started) == 3 and set(started) <= set(stopped)
+    assert not [pid for pid in stopped if dl.pid_alive(pid)]
+    assert _pids_with_env(f"FLWR_HOME={work / 'flwr-home'}") == []
+
+
+def test_sigterm_stops_every_process_the_command_line_started(app: Path, tmp_path: Path) -> None:
+    work = tmp_path / "cli"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--nodes", "2", "--app", str(app), "--work-dir", str(work), "--grace", "5",
+         "--run-config", f"num-server-rounds=50 min-available-nodes=2 output-dir='{tmp_path / 'outputs' / 'long'}'"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    lines = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if "Writing run outputs to" in line or time.monotonic() > deadline:
+                break  # the ServerApp runs (under the SuperLink's SuperExec, in a session of its own)
+        assert any("Writing run outputs to" in line for line in lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out[-4000:]
+    assert "interrupted by SIGTERM" in out
+    started = json.loads(re.search(r"Started PIDs (\[[\d, ]+\])", out).group(1))
+    assert len(started) == 3
+    assert not [pid for pid in started if dl.pid_alive(pid)]
+    assert _pids_with_env(f"FLWR_HOME={work / 'flwr-home'}") == []
