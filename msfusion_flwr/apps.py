@@ -204,11 +204,13 @@ def run_experiment(
     num_supernodes: int = 10,
     cpus_per_client: int = 1,
     verbose: bool = False,
+    client_app: ClientApp | None = None,
 ) -> Path:
     """Run a whole federation in-process with Flower's simulation engine.
 
     ``config`` overrides the defaults (validated before Ray starts); returns
-    the output directory.
+    the output directory. ``client_app`` replaces the ClientApp (tests use it
+    to play faulty participants).
     """
     from flwr.simulation import run_simulation
 
@@ -216,7 +218,7 @@ def run_experiment(
     resolved["output-dir"] = str(Path(resolved["output-dir"]).resolve())
     run_simulation(
         server_app=make_server_app(resolved),
-        client_app=make_client_app(),
+        client_app=client_app or make_client_app(),
         num_supernodes=num_supernodes,
         backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
         verbose_logging=verbose,

@@ -230,6 +230,10 @@ class SubmodelStrategy(Strategy):
         """A node's profile; nodes that did not answer rank last, by node id."""
         return self.profiles.get(node, NodeProfile(partition_id=node % 2**31))
 
+    def rank_key(self, node: int) -> tuple[bool, int, int]:
+        """Order of nodes: by partition id; nodes that did not answer the query last, by node id."""
+        return (node not in self.profiles, self.profile(node).partition_id, node)
+
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
         """This round's participants, ordered by partition id (their rank).
 
@@ -238,7 +242,7 @@ class SubmodelStrategy(Strategy):
         """
         nodes = wait_for_nodes(grid, self.min_available_nodes)
         self._learn_profiles(grid, nodes)
-        ordered = sorted(nodes, key=lambda n: (n not in self.profiles, self.profile(n).partition_id, n))
+        ordered = sorted(nodes, key=self.rank_key)
         size = max(1, int(len(ordered) * self.fraction_train))
         rng = random.Random(f"{self.seed}:{server_round}")
         return [ordered[i] for i in sorted(rng.sample(range(len(ordered)), size))]
@@ -282,9 +286,13 @@ class SubmodelStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Overlap-aware aggregation of the replies that match their plans (kept in ``_accepted``)."""
+        """Overlap-aware aggregation of the replies that match their plans (kept in ``_accepted``).
+
+        Replies are taken in rank order, not arrival order, so the float sums
+        (and the run) are reproducible.
+        """
         accepted, failures, replied = [], [], set()
-        for reply in replies:
+        for reply in sorted(replies, key=lambda r: self.rank_key(r.metadata.src_node_id)):
             node = reply.metadata.src_node_id
             replied.add(node)
             reason = check_reply(reply, self._expected[node]) if node in self._expected else f"node {node}: not sampled"

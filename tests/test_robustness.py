@@ -1,0 +1,99 @@
+"""Bad updates never touch the global model; the same config and seed give the same run."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+
+from msfusion_flwr import participant
+from msfusion_flwr.apps import run_experiment
+from msfusion_flwr.index_policies import DoubleShift
+from msfusion_flwr.models import build_model
+from msfusion_flwr.protocol import ARRAYS, METRICS
+from msfusion_flwr.reporting import MODEL_FILE, read_metrics
+from msfusion_flwr.splitting import SplitSpec, flat_positions
+
+QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "partitioner": "iid", "eval-every": 100, "seed": 3}
+
+
+def tamper(reply: Message, partition_id: int) -> Message:
+    """Partition 0 is honest; 1..5 send wrong shapes, NaN, a missing array, an extra array, a negative count."""
+    arrays = reply.content.array_records[ARRAYS]
+    if partition_id == 1:
+        arrays["fc.weight"] = Array(arrays["fc.weight"].numpy()[:-1])
+    elif partition_id == 2:
+        bad = arrays["conv2.0.weight"].numpy().copy()
+        bad.flat[0] = np.nan
+        arrays["conv2.0.weight"] = Array(bad)
+    elif partition_id == 3:
+        del arrays["head.bias"]
+    elif partition_id == 4:
+        arrays["backdoor"] = Array(np.zeros(3, dtype=np.float32))
+    elif partition_id == 5:
+        reply.content.metric_records[METRICS]["num-examples"] = -5.0
+    return reply
+
+
+def faulty_client_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        reply = participant.train(message, context)
+        return tamper(reply, int(context.node_config["partition-id"]))
+
+    app.query()(participant.query)
+    return app
+
+
+def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(tmp_path):
+    """Five faulty replies are rejected, each named; only the honest slice changes the global model."""
+    out = run_experiment(
+        {**QUICK, "min-available-nodes": 6, "output-dir": str(tmp_path / "run")},
+        num_supernodes=6,
+        client_app=faulty_client_app(),
+    )
+    row = read_metrics(out)[1]
+    assert row["participants"] == [0]
+    reasons = " | ".join(row["failures"])
+    assert len(row["failures"]) == 5 and all(f.startswith("node ") for f in row["failures"])
+    for expected in ("shape", "non-finite", "array names differ", "array names differ", "must be positive"):
+        assert expected in reasons
+    torch.manual_seed(QUICK["seed"])  # the server's initial model
+    initial = build_model("cnn").state_dict()
+    final = torch.load(out / MODEL_FILE)
+    spec = SplitSpec.from_model(build_model("cnn"))
+    honest_plan = DoubleShift().plan(spec.widths, 0.25, 0, 6, 1)  # rank 0 of 6, round 1
+    positions = spec.positions(honest_plan)
+    for key, tensor in final.items():
+        assert torch.isfinite(tensor).all()
+        held = torch.zeros(tensor.numel(), dtype=torch.bool)
+        held[flat_positions(tensor.shape, positions.get(key, ())).reshape(-1)] = True
+        untouched = ~held
+        assert torch.equal(tensor.reshape(-1)[untouched], initial[key].reshape(-1)[untouched]), key
+    assert not torch.equal(final["fc.weight"], initial["fc.weight"])  # the honest slice did train
+
+
+def test_same_config_and_seed_give_identical_metrics_and_model(tmp_path):
+    """Two runs of one config (contrastive loss on, 2 rounds) agree on everything but wall times."""
+    timing = ("wall_s", "elapsed_s", "train_time_s")
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not any(t in k for t in timing) and k != "server_costs"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    runs = [
+        run_experiment({**QUICK, "num-server-rounds": 2, "eval-every": 1, "min-available-nodes": 3,
+                        "output-dir": str(tmp_path / name)}, num_supernodes=3)
+        for name in ("a", "b")
+    ]
+    first, second = (strip(read_metrics(r)) for r in runs)
+    assert first == second
+    assert first[-1]["accuracy"] is not None
+    a, b = (torch.load(r / MODEL_FILE) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
