@@ -94,6 +94,7 @@ def make_strategy(
         "fraction_train": float(config["fraction-train"]),
         "min_available_nodes": int(config["min-available-nodes"]),
         "seed": int(config["seed"]),
+        "query_timeout": float(config["round-timeout"]),
     }
     if method in DISTILLATION_METHODS:
         return EnsembleDistillation(
@@ -157,6 +158,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
         grid=grid,
         initial_arrays=ArrayRecord(global_model.state_dict()),
         num_rounds=num_rounds,
+        timeout=float(config["round-timeout"]),
         train_config=client_config(config),
         evaluate_fn=on_round_end,
     )

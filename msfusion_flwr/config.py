@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "data-fraction": 1.0,
     "server-data-fraction": 0.0,
     "seed": 0,
+    "dropout-rate": 0.0,
+    "straggler-rate": 0.0,
+    "round-timeout": 3600.0,
     "eval-every": 1,
     "data-dir": "",
     "output-dir": "",
@@ -154,6 +157,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data-fraction": _number(0.0, 1.0, True, False),
     "server-data-fraction": _number(0.0, 1.0, False, True),
     "seed": _integer(0),
+    "dropout-rate": _number(0.0, 1.0, False, True),
+    "straggler-rate": _number(0.0, 1.0, False, True),
+    "round-timeout": _number(0.0, INF, True, True),
     "eval-every": _integer(1),
     "data-dir": _string(),
     "output-dir": _string(),
@@ -175,6 +181,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     for key, (ok, expected) in RULES.items():
         if not ok(config[key]):
             raise ConfigError(f"config key {key!r} must be {expected}, got {config[key]!r}")
+    if config["dropout-rate"] + config["straggler-rate"] >= 1.0:
+        raise ConfigError(
+            f"config key 'straggler-rate' plus dropout-rate must be below 1, got "
+            f"{config['straggler-rate']} + {config['dropout-rate']}"
+        )
     num_classes = NUM_CLASSES[config["dataset"]]
     if config["classes-per-partition"] > num_classes:
         raise ConfigError(

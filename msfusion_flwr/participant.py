@@ -8,6 +8,7 @@ round is kept in ``Context.state`` for the next round's ``z_p``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -84,6 +85,27 @@ def _keep_as_previous(state: RecordDict, model: torch.nn.Module, plan: Mapping[s
     state[PREVIOUS_CONFIG] = ConfigRecord({"split-rate": rate})
 
 
+class SimulatedDropout(RuntimeError):
+    """This participant plays a device that failed this round."""
+
+
+def simulate_faults(config: Mapping[str, Any], server_round: int, partition_id: int) -> None:
+    """Non-ideal network, for experiments: drop out or straggle with the configured rates.
+
+    One seeded draw per (run seed, round, participant): below ``dropout-rate``
+    the participant fails (an error reply); within the next ``straggler-rate``
+    it first sleeps past ``round-timeout``, so its reply comes too late.
+    """
+    dropout, straggler = float(config.get("dropout-rate", 0.0)), float(config.get("straggler-rate", 0.0))
+    if dropout == 0 and straggler == 0:
+        return
+    draw = np.random.default_rng([int(config["seed"]), server_round, partition_id, 0xFA17]).random()
+    if draw < dropout:
+        raise SimulatedDropout(f"simulated dropout (dropout-rate {dropout})")
+    if draw < dropout + straggler:
+        time.sleep(float(config["round-timeout"]) + 2.0)
+
+
 def train(message: Message, context: Context) -> Message:
     """Handle one train message: narrow model in, trained narrow model out."""
     content = message.content
@@ -91,6 +113,7 @@ def train(message: Message, context: Context) -> Message:
     partition_id, num_partitions = node_partition(context)
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     rate = float(config.get("split-rate", 1.0))  # type: ignore[arg-type]
+    simulate_faults(config, server_round, partition_id)
     model_name = str(config["model"])
     make_model = partial(build_model, model_name, **model_kwargs(str(config["dataset"])))
 

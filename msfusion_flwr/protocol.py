@@ -42,6 +42,9 @@ CLIENT_KEYS = (
     "weight-decay",
     "contrastive-weight",
     "contrastive-temperature",
+    "dropout-rate",
+    "straggler-rate",
+    "round-timeout",
 )
 """Run-config keys a ClientApp needs; the ServerApp sends them every round."""
 

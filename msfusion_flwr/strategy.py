@@ -110,23 +110,22 @@ class TrafficMeter:
 
 def check_reply(reply: Message, expected_shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """Why ``reply`` must be left out, or None when it matches the plan sent."""
-    node = reply.metadata.src_node_id
     if reply.has_error():
-        return f"node {node}: error reply ({reply.error.reason})"
+        return f"error reply ({reply.error.reason})"
     content = reply.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-        return f"node {node}: reply lacks '{ARRAYS}' or '{METRICS}'"
+        return f"reply lacks '{ARRAYS}' or '{METRICS}'"
     arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
     if set(arrays) != set(expected_shapes):
-        return f"node {node}: array names differ from the plan sent"
+        return f"array names differ from the plan sent"
     for key, array in arrays.items():
         if tuple(array.shape) != tuple(expected_shapes[key]):
-            return f"node {node}: {key} has shape {tuple(array.shape)}, expected {expected_shapes[key]}"
+            return f"{key} has shape {tuple(array.shape)}, expected {expected_shapes[key]}"
         if not torch.isfinite(torch.from_numpy(array.numpy())).all():
-            return f"node {node}: {key} has non-finite values"
+            return f"{key} has non-finite values"
     count = metrics.get(WEIGHT_KEY)
     if not isinstance(count, int | float) or not count > 0:
-        return f"node {node}: {WEIGHT_KEY} must be positive, got {count!r}"
+        return f"{WEIGHT_KEY} must be positive, got {count!r}"
     return None
 
 
@@ -191,6 +190,7 @@ class SubmodelStrategy(Strategy):
         fraction_train: float = 1.0,
         min_available_nodes: int = 2,
         seed: int = 0,
+        query_timeout: float | None = None,
     ) -> None:
         self.spec = spec
         self.policy = policy
@@ -198,6 +198,7 @@ class SubmodelStrategy(Strategy):
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
         self.seed = seed
+        self.query_timeout = query_timeout
         self.meter = TrafficMeter()
         self.profiles: dict[int, NodeProfile] = {}
         self._global: dict[str, torch.Tensor] = {}
@@ -217,7 +218,7 @@ class SubmodelStrategy(Strategy):
         if not unknown:
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(queries):
+        for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
             if not reply.has_error() and "profile" in reply.content.config_records:
                 profile = reply.content.config_records["profile"]
                 ratio = profile.get("split-ratio")
@@ -229,6 +230,12 @@ class SubmodelStrategy(Strategy):
     def profile(self, node: int) -> NodeProfile:
         """A node's profile; nodes that did not answer rank last, by node id."""
         return self.profiles.get(node, NodeProfile(partition_id=node % 2**31))
+
+    def describe(self, node: int) -> str:
+        """A node as the log names it: its partition id when known, and its node id."""
+        if node in self.profiles:
+            return f"partition {self.profiles[node].partition_id} (node {node})"
+        return f"node {node}"
 
     def rank_key(self, node: int) -> tuple[bool, int, int]:
         """Order of nodes: by partition id; nodes that did not answer the query last, by node id."""
@@ -295,12 +302,13 @@ class SubmodelStrategy(Strategy):
         for reply in sorted(replies, key=lambda r: self.rank_key(r.metadata.src_node_id)):
             node = reply.metadata.src_node_id
             replied.add(node)
-            reason = check_reply(reply, self._expected[node]) if node in self._expected else f"node {node}: not sampled"
+            reason = check_reply(reply, self._expected[node]) if node in self._expected else "not sampled"
             if reason is None:
                 accepted.append(reply)
             else:
-                failures.append(reason)
-        failures += [f"node {n}: no reply" for n in sorted(set(self._expected) - replied)]
+                failures.append(f"{self.describe(node)}: {reason}")
+        missing = sorted(set(self._expected) - replied, key=self.rank_key)
+        failures += [f"{self.describe(n)}: no reply within the round timeout" for n in missing]
         self.meter.received(server_round, accepted, failures)
         self._accepted = accepted
         if not accepted:

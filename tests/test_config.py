@@ -45,6 +45,9 @@ BAD_VALUES: dict[str, list[object]] = {
     "data-fraction": [0, 0.0, -0.5, 1.5, NAN, True, "1.0"],
     "server-data-fraction": [1.0, 1, -0.1, 1.5, NAN, INF, True, False, "0.1", None],
     "seed": [-1, 0.5, 1.0, True, False, "0", None],
+    "dropout-rate": [-0.1, 1.0, 1, NAN, True, "0.2", None],
+    "straggler-rate": [-0.1, 1.0, 1.5, NAN, True, "0.2", None],
+    "round-timeout": [0, 0.0, -1, INF, NAN, True, "60"],
     "eval-every": [0, -1, 1.5, True, "1"],
     "data-dir": [0, 1.5, None, True, ["a"]],
     "output-dir": [0, None, False, ["out"]],
@@ -125,6 +128,9 @@ VALID_EDGES: list[tuple[str, object]] = [
     ("inter-participant-shift", False),
     ("fjord-levels", 1),
     ("partitioner", "iid"),
+    ("dropout-rate", 0.5),
+    ("straggler-rate", 0.3),
+    ("round-timeout", 1),
     ("partitioner", "pathological"),
     ("data-dir", "/tmp/somewhere"),
     ("output-dir", ""),
@@ -175,6 +181,9 @@ RANGES = {
     "distill-batch-size": ("int", 1, True, None, False),
     "distill-learning-rate": ("num", 0, False, None, False),
     "distill-temperature": ("num", 0, False, None, False),
+    "dropout-rate": ("num", 0, True, 1, False),
+    "straggler-rate": ("num", 0, True, 1, False),
+    "round-timeout": ("num", 0, False, None, False),
 }
 
 
@@ -216,3 +225,11 @@ def test_numeric_keys_accept_exactly_their_range(key, value):
         with pytest.raises(ConfigError) as info:
             resolve_config({key: value})
         assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dropout_and_straggler_rates_must_leave_someone_training():
+    """dropout-rate + straggler-rate >= 1 is a one-line error naming straggler-rate."""
+    with pytest.raises(ConfigError, match="'straggler-rate'") as info:
+        resolve_config({"dropout-rate": 0.6, "straggler-rate": 0.4})
+    assert "\n" not in str(info.value)
+    assert resolve_config({"dropout-rate": 0.5, "straggler-rate": 0.4})["straggler-rate"] == 0.4
