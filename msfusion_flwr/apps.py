@@ -25,6 +25,7 @@ from flwr.supercore import log
 from torch.utils.data import Dataset
 
 from . import participant
+from .checkpoint import restore_rng_states, resume_state, run_fingerprint, save_checkpoint
 from .config import ConfigError, data_settings, distill_settings, parse_budgets, resolve_config
 from .data import load_server_set, load_test_set, model_kwargs
 from .index_policies import (
@@ -40,6 +41,7 @@ from .index_policies import (
 from .models import build_model, model_class
 from .protocol import client_config
 from .reporting import RunReporter, default_output_dir
+from .rounds import run_rounds
 from .splitting import SplitSpec
 from .strategy import Budgets, EnsembleDistillation, MeteredFedAvg, RoundTraffic, SubmodelStrategy, TrafficMeter
 from .training import evaluate
@@ -128,7 +130,12 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
 
 
 def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
-    """Train for ``num-server-rounds`` rounds and write the run's outputs."""
+    """Train for ``num-server-rounds`` rounds and write the run's outputs.
+
+    With ``checkpoint-every`` > 0, writes a checkpoint every that many rounds;
+    with ``resume`` and a checkpoint in ``output-dir``, continues after its round.
+    """
+    checkpoint = resume_state(config)
     seed = int(config["seed"])
     random.seed(seed)
     torch.manual_seed(seed)
@@ -137,9 +144,22 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(config, spec)
     meter: TrafficMeter = strategy.meter
-    reporter = RunReporter(config["output-dir"], config)
     num_rounds = int(config["num-server-rounds"])
     eval_every = int(config["eval-every"])
+    checkpoint_every = int(config["checkpoint-every"])
+    first_round = 1
+    if checkpoint is None:
+        if config["resume"]:
+            log(INFO, "resume: no checkpoint in %s, starting from scratch", config["output-dir"])
+        reporter = RunReporter(config["output-dir"], config)
+    else:
+        first_round = int(checkpoint["round"]) + 1
+        global_model.load_state_dict(checkpoint["global_model"])
+        reporter = RunReporter(
+            config["output-dir"], config, resume_round=first_round - 1, cumulative_totals=checkpoint["cumulative_totals"]
+        )
+        restore_rng_states(checkpoint["rng"])
+        log(INFO, "resume: continuing %s after round %d", reporter.output_dir, first_round - 1)
     round_start = time.perf_counter()
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -154,15 +174,32 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
         round_start = time.perf_counter()
         return MetricRecord(metrics) if metrics else None
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(global_model.state_dict()),
+    def checkpoint_round(server_round: int, arrays: ArrayRecord) -> None:
+        if checkpoint_every > 0 and server_round % checkpoint_every == 0:
+            path = save_checkpoint(
+                reporter.output_dir,
+                server_round,
+                arrays.to_torch_state_dict(),
+                config,
+                profiles=getattr(strategy, "profiles", None),
+                cumulative_totals=reporter.cumulative.totals,
+            )
+            log(INFO, "checkpoint after round %d: %s", server_round, path)
+
+    train_config = client_config(config)
+    train_config[participant.STATE_TAG] = run_fingerprint(config)
+    final = run_rounds(
+        strategy,
+        grid,
+        ArrayRecord(global_model.state_dict()),
         num_rounds=num_rounds,
         timeout=float(config["round-timeout"]),
-        train_config=client_config(config),
+        train_config=train_config,
         evaluate_fn=on_round_end,
+        first_round=first_round,
+        after_round=checkpoint_round,
     )
-    reporter.save_model(result.arrays.to_torch_state_dict())
+    reporter.save_model(final.to_torch_state_dict())
     reporter.plot_curves()
     return reporter.output_dir
 
@@ -172,6 +209,7 @@ def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str,
     config = resolve_config({**context_run_config, **(overrides or {})})
     if not config["output-dir"]:
         config["output-dir"] = default_output_dir(config["method"])
+    resume_state(config)  # a resume with a changed config fails here, before any training
     return config
 
 

@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "eval-every": 1,
     "data-dir": "",
     "output-dir": "",
+    "checkpoint-every": 0,
+    "resume": False,
+    "participant-state-dir": "",
 }
 
 
@@ -163,6 +166,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval-every": _integer(1),
     "data-dir": _string(),
     "output-dir": _string(),
+    "checkpoint-every": _integer(0),
+    "resume": _boolean(),
+    "participant-state-dir": _string(),
 }
 assert RULES.keys() == DEFAULTS.keys()
 
@@ -197,6 +203,8 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             "config key 'server-data-fraction' must be > 0 for method 'feddf' "
             f"(its unlabeled distillation data), got {config['server-data-fraction']!r}"
         )
+    if config["resume"] and not config["output-dir"]:
+        raise ConfigError("config key 'resume' needs 'output-dir' set (the run to continue), got output-dir ''")
     return config
 
 

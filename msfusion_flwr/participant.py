@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from .checkpoint import load_participant_state, save_participant_state
 from .config import data_settings
 from .data import load_partition, model_kwargs
 from .models import build_model, model_class
@@ -27,6 +28,8 @@ from .training import Representation, TrainSettings, train_local
 PREVIOUS_ARRAYS = "msfusion.previous-arrays"
 PREVIOUS_PLAN = "msfusion.previous-plan"
 PREVIOUS_CONFIG = "msfusion.previous-config"
+STATE_TAG = "state-tag"
+"""Config entry the server adds to train messages: the run's fingerprint, tagging state files."""
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -85,6 +88,37 @@ def _keep_as_previous(state: RecordDict, model: torch.nn.Module, plan: Mapping[s
     state[PREVIOUS_CONFIG] = ConfigRecord({"split-rate": rate})
 
 
+def _restore_previous(state: RecordDict, config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    """Fill Context.state's previous sub-model from ``participant-state-dir`` when it lacks one."""
+    state_dir = str(config.get("participant-state-dir", ""))
+    if not state_dir or PREVIOUS_ARRAYS in state.array_records:
+        return
+    found = load_participant_state(state_dir, partition_id, str(config.get(STATE_TAG, "")), server_round)
+    if found is None:
+        return
+    _, entry = found
+    state[PREVIOUS_ARRAYS] = ArrayRecord(entry["arrays"])
+    state[PREVIOUS_PLAN] = ConfigRecord(entry["plan"])
+    state[PREVIOUS_CONFIG] = ConfigRecord({"split-rate": float(entry["rate"])})
+
+
+def _persist_previous(state: RecordDict, config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    """Write Context.state's previous sub-model to ``participant-state-dir`` (if set), atomically."""
+    state_dir = str(config.get("participant-state-dir", ""))
+    if not state_dir:
+        return
+    save_participant_state(
+        state_dir,
+        partition_id,
+        str(config.get(STATE_TAG, "")),
+        server_round,
+        state.array_records[PREVIOUS_ARRAYS].to_torch_state_dict(),
+        dict(state.config_records[PREVIOUS_PLAN]),
+        float(state.config_records[PREVIOUS_CONFIG]["split-rate"]),  # type: ignore[arg-type]
+        int(config.get("checkpoint-every", 0)),  # type: ignore[arg-type]
+    )
+
+
 class SimulatedDropout(RuntimeError):
     """This participant plays a device that failed this round."""
 
@@ -128,11 +162,13 @@ def train(message: Message, context: Context) -> Message:
     current = Representation(model, plan[feature_group], full_widths[feature_group])
     previous = None
     if local.contrastive_weight > 0:
+        _restore_previous(context.state, config, partition_id, server_round)
         previous = _previous_representation(context.state, make_model, feature_group)
 
     metrics = train_local(model, dataset, local, current, previous)
     if local.contrastive_weight > 0:
         _keep_as_previous(context.state, model, plan, full_widths, rate)
+        _persist_previous(context.state, config, partition_id, server_round)
 
     metrics["partition-id"] = float(partition_id)
     reply = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics)})

@@ -45,6 +45,8 @@ CLIENT_KEYS = (
     "dropout-rate",
     "straggler-rate",
     "round-timeout",
+    "checkpoint-every",
+    "participant-state-dir",
 )
 """Run-config keys a ClientApp needs; the ServerApp sends them every round."""
 

@@ -13,6 +13,8 @@ Every run writes to its output directory:
   ``server_costs``, the server's own training in the round (FedDF's
   ``distill_time_s`` and ``distill_flops``; empty for other methods);
 * ``global_model.pt``: the final global model's state dict;
+* ``checkpoint.pt``: with ``checkpoint-every`` > 0, the state to resume from
+  (see :mod:`msfusion_flwr.checkpoint`);
 * ``curves.png``: accuracy and loss of the global model against the round.
 """
 
@@ -98,14 +100,35 @@ def _megabytes(n: int) -> str:
 class RunReporter:
     """Writes one run's outputs as the run goes."""
 
-    def __init__(self, output_dir: str | Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        config: Mapping[str, Any],
+        resume_round: int | None = None,
+        cumulative_totals: Mapping[int, Mapping[str, float]] | None = None,
+    ) -> None:
+        """Start a run's outputs; or, with ``resume_round``, continue them after that round.
+
+        Resuming keeps config.json, keeps the metrics.jsonl rows of rounds up to
+        ``resume_round`` (later ones came from the interrupted run) and restarts
+        the cumulative costs from ``cumulative_totals``.
+        """
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        (self.output_dir / METRICS_FILE).write_text("")
         self.num_rounds = int(config["num-server-rounds"])
         self.cumulative = CumulativeCosts()
         self._start = time.perf_counter()
+        metrics = self.output_dir / METRICS_FILE
+        if resume_round is None:
+            (self.output_dir / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+            metrics.write_text("")
+        else:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["round"] <= resume_round]
+            metrics.write_text("".join(line + "\n" for line in kept))
+            self.cumulative.totals = {int(p): dict(t) for p, t in (cumulative_totals or {}).items()}
+            if kept:
+                self._start -= float(json.loads(kept[-1]).get("elapsed_s", 0.0))
         log(INFO, "Writing run outputs to %s", self.output_dir)
 
     def record_round(self, row: dict[str, Any]) -> None:

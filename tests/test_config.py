@@ -51,6 +51,9 @@ BAD_VALUES: dict[str, list[object]] = {
     "eval-every": [0, -1, 1.5, True, "1"],
     "data-dir": [0, 1.5, None, True, ["a"]],
     "output-dir": [0, None, False, ["out"]],
+    "checkpoint-every": [-1, 1.5, 2.0, True, "1", None],
+    "resume": [1, 0, "true", "yes", None],
+    "participant-state-dir": [0, None, True, ["state"]],
 }
 
 CASES = [pytest.param(key, value, id=f"{key}={value!r}") for key, values in BAD_VALUES.items() for value in values]
@@ -134,6 +137,10 @@ VALID_EDGES: list[tuple[str, object]] = [
     ("partitioner", "pathological"),
     ("data-dir", "/tmp/somewhere"),
     ("output-dir", ""),
+    ("checkpoint-every", 0),
+    ("checkpoint-every", 1),
+    ("resume", False),
+    ("participant-state-dir", "/tmp/state"),
 ]
 
 
@@ -184,6 +191,7 @@ RANGES = {
     "dropout-rate": ("num", 0, True, 1, False),
     "straggler-rate": ("num", 0, True, 1, False),
     "round-timeout": ("num", 0, False, None, False),
+    "checkpoint-every": ("int", 0, True, None, False),
 }
 
 
@@ -233,3 +241,11 @@ def test_dropout_and_straggler_rates_must_leave_someone_training():
         resolve_config({"dropout-rate": 0.6, "straggler-rate": 0.4})
     assert "\n" not in str(info.value)
     assert resolve_config({"dropout-rate": 0.5, "straggler-rate": 0.4})["straggler-rate"] == 0.4
+
+
+def test_resume_needs_an_output_dir():
+    """resume = true without output-dir is a one-line error naming 'resume'; with one it is accepted."""
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"resume": True})
+    assert "'resume'" in str(info.value) and "\n" not in str(info.value)
+    assert resolve_config({"resume": True, "output-dir": "out"})["resume"] is True

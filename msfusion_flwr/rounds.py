@@ -1,0 +1,83 @@
+"""The server's round loop: Flower's ``Strategy.start``, able to begin at any round.
+
+Same steps, in the same order, as ``flwr.serverapp.strategy.Strategy.start``
+(configure_train -> send_and_receive -> aggregate_train -> configure_evaluate
+-> send_and_receive -> aggregate_evaluate -> centralized evaluation), calling
+only the strategy's public methods, so it drives Flower's FedAvg unchanged as
+well as our strategies. Two additions: ``first_round`` (a resumed run starts
+after its checkpoint's round, and skips the initial evaluation) and
+``after_round``, called once a round is complete (the checkpoint hook).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    num_rounds: int,
+    timeout: float,
+    train_config: ConfigRecord | None = None,
+    evaluate_config: ConfigRecord | None = None,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    first_round: int = 1,
+    after_round: Callable[[int, ArrayRecord], None] | None = None,
+) -> ArrayRecord:
+    """Run rounds ``first_round..num_rounds`` from global ``arrays``; return the final global arrays."""
+    log(INFO, "Starting %s strategy:", strategy.__class__.__name__)
+    log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
+    strategy.summary()
+    log(INFO, "")
+    train_config = ConfigRecord() if train_config is None else train_config
+    evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+    t_start = time.time()
+
+    if first_round == 1 and evaluate_fn:
+        res = evaluate_fn(0, arrays)
+        log(INFO, "Initial global evaluation results: %s", res)
+    elif first_round > 1:
+        log(INFO, "Resuming at round %d", first_round)
+
+    for current_round in range(first_round, num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+
+        train_replies = grid.send_and_receive(
+            messages=strategy.configure_train(current_round, arrays, train_config, grid),
+            timeout=timeout,
+        )
+        agg_arrays, agg_train_metrics = strategy.aggregate_train(current_round, train_replies)
+        if agg_arrays is not None:
+            arrays = agg_arrays
+        if agg_train_metrics is not None:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+
+        evaluate_replies = grid.send_and_receive(
+            messages=strategy.configure_evaluate(current_round, arrays, evaluate_config, grid),
+            timeout=timeout,
+        )
+        agg_evaluate_metrics = strategy.aggregate_evaluate(current_round, evaluate_replies)
+        if agg_evaluate_metrics is not None:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+
+        if evaluate_fn:
+            log(INFO, "Global evaluation")
+            res = evaluate_fn(current_round, arrays)
+            log(INFO, "\t└──> MetricRecord: %s", res)
+        if after_round:
+            after_round(current_round, arrays)
+
+    log(INFO, "")
+    log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+    return arrays
