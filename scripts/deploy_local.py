@@ -9,7 +9,7 @@ own ``FLWR_HOME`` (a temporary folder unless ``--flwr-home`` is given, so
 2. N ``flower-supernode`` processes, each with its own Runtime API port and its
    own ``--node-config "partition-id=i num-partitions=N [split-ratio=b_i] [data-dir='...']"``;
 3. the SuperLink connection written into ``$FLWR_HOME/config.toml``;
-4. ``flwr run <app> <connection> --stream [--run-config ...]`` from the app folder,
+4. ``flwr run . <connection> --stream [--run-config ...]`` in the app folder,
    with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` and the venv's ``bin/``
    on ``PATH``; then ``flwr ls`` for the run's final status (``flwr run --stream``
    exits 0 even when the run failed);
@@ -26,11 +26,18 @@ process whose environment holds that marker, by PID.
 
     .venv/bin/python scripts/deploy_local.py --nodes 3 --budgets 0.25,0.5,1.0 \\
         --run-config "num-server-rounds=2 data-fraction=0.02 min-available-nodes=3"
-    .venv/bin/python scripts/deploy_local.py --nodes 3 --tls --run-config conf/quick.toml
+    .venv/bin/python scripts/deploy_local.py --nodes 4 --tls --run-config conf/quick.toml
+
+The run waits for ``min-available-nodes`` nodes (2 unless the run config says
+otherwise; conf/quick.toml says 4): keep it at most ``--nodes``.
+
+``--certs-only --cert-dir certs [--cert-san DNS:server.example]`` only writes a
+CA and a SuperLink certificate, e.g. for SuperNodes on other machines.
 
 The exit status is 0 when the run finished ``finished:completed``, 1 otherwise,
 128 + signal number when interrupted. Only the standard library is used (the
-Flower executables come from the venv), so importing this module is cheap;
+Flower executables come from the venv; ``tomli_w``, a Flower dependency, only to
+edit an existing ``config.toml``), so importing this module is cheap;
 :class:`LocalDeployment` is the Python API the tests use.
 """
 
@@ -154,10 +161,19 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"run-config value {value!r} must be a str, int, float or bool")
 
 
-def generate_certificates(cert_dir: Path, openssl: str = "openssl") -> dict[str, Path]:
-    """A CA and a server certificate/key for 127.0.0.1, ::1 and localhost, signed by that CA."""
+def generate_certificates(cert_dir: Path, extra_sans: Sequence[str] = (), openssl: str = "openssl") -> dict[str, Path]:
+    """A CA (``ca.pem``/``ca.key``) and a server certificate/key (``server.pem``/``server.key``) it signed.
+
+    The server certificate is valid for 127.0.0.1, ::1 and localhost (the
+    SuperLink's own SuperExec always connects through loopback) and for
+    ``extra_sans`` (``"DNS:server.example"``, ``"IP:10.0.0.5"``) where SuperNodes
+    on other machines reach the SuperLink.
+    """
     if shutil.which(openssl) is None:
         raise DeploymentError("TLS needs the openssl command line tool")
+    for san in extra_sans:
+        if not re.fullmatch(r"(DNS|IP):[A-Za-z0-9.:*-]+", san):
+            raise ValueError(f"subject alternative name {san!r} must look like DNS:name or IP:address")
     cert_dir.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = cert_dir / "ca.key", cert_dir / "ca.pem"
     key, csr, cert, ext = cert_dir / "server.key", cert_dir / "server.csr", cert_dir / "server.pem", cert_dir / "server.ext"
@@ -165,7 +181,7 @@ def generate_certificates(cert_dir: Path, openssl: str = "openssl") -> dict[str,
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
-        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
+        f"subjectAltName={','.join(['DNS:localhost', 'IP:127.0.0.1', 'IP:::1', *extra_sans])}\n"
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid,issuer\n"
     )
@@ -327,6 +343,7 @@ class LocalDeployment:
     app_dir: Path = REPO
     connection: str = CONNECTION
     node_threads: int | None = None
+    cert_sans: Sequence[str] = ()
     grace_s: float = 10.0
     start_timeout_s: float = 90.0
     echo: TextIO | None = None
@@ -422,7 +439,7 @@ class LocalDeployment:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
         tls_args = ["--insecure"]
         if self.tls:
-            self.certificates = generate_certificates(Path(self.cert_dir or self.work_dir / "certs").resolve())
+            self.certificates = generate_certificates(Path(self.cert_dir or self.work_dir / "certs").resolve(), self.cert_sans)
             tls_args = [
                 "--ssl-ca-certfile", str(self.certificates["ca"]),
                 "--ssl-certfile", str(self.certificates["cert"]),
@@ -530,7 +547,7 @@ class LocalDeployment:
         run_config: str | os.PathLike[str] | Mapping[str, Any] | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> RunResult:
-        """``flwr run <app> <connection> --stream``; its final status from ``flwr ls``.
+        """``flwr run . <connection> --stream`` in the app folder; its final status from ``flwr ls``.
 
         ``run_config``: a mapping (written to a TOML file), a ``"k=v k2='s'"``
         string or a ``.toml`` path, or a list of those (one ``--run-config`` each).
@@ -539,7 +556,7 @@ class LocalDeployment:
         """
         if not self._started or self._stopped:
             raise DeploymentError("start() the deployment first")
-        command = [str(self.bin / "flwr"), "run", str(self.app_dir), self.connection, "--stream"]
+        command = [str(self.bin / "flwr"), "run", ".", self.connection, "--stream"]  # cwd: the app folder
         command += self._run_config_args(run_config)
         self._say(f"$ {shlex.join(command)}")
         started = time.monotonic()
@@ -582,9 +599,10 @@ class LocalDeployment:
         # the CLI is still running: stop() ends it with the rest)
         reader.join(5.0)
         log = ANSI.sub("", "".join(lines))
-        (self.work_dir / "logs" / f"flwr-run-{int(time.time())}.log").write_text(log)  # type: ignore[operator]
         match = RUN_ID.search(log)
         run_id = match.group(1) if match else None
+        log_name = f"flwr-run-{run_id}.log" if run_id else f"flwr-run-failed-{time.time_ns()}.log"
+        (self.work_dir / "logs" / log_name).write_text(log)  # type: ignore[operator]
         outputs = OUTPUTS.findall(log)
         status, details = self.run_status(run_id) if run_id else (None, "")
         return RunResult(
@@ -789,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", default="", help="split-ratio per SuperNode, comma separated, cycled over the nodes (e.g. 0.25,0.5,1.0); empty: none in the node configs, the run config's apply")
     parser.add_argument("--tls", action="store_true", help="TLS with a CA and server certificate generated by openssl (default: --insecure)")
     parser.add_argument("--cert-dir", type=Path, help="where --tls writes the certificates (default: <work-dir>/certs)")
+    parser.add_argument("--cert-san", action="append", default=[], help="extra subjectAltName for the server certificate (DNS:name or IP:address, repeatable), for a SuperLink other machines reach")
+    parser.add_argument("--certs-only", action="store_true", help="only generate the certificates (into --cert-dir, default ./certs) and exit")
     parser.add_argument("--run-config", action="append", help="passed to `flwr run --run-config` (a .toml file or \"key=value ...\"); repeatable")
     parser.add_argument("--data-dir", help="data-dir put in every SuperNode's node config (made absolute)")
     parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME for all processes and the CLI (default: <work-dir>/flwr-home, so ~/.flwr is untouched)")
@@ -808,25 +828,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         build_parser().error(str(error))
 
+    if args.certs_only:
+        try:
+            paths = generate_certificates(args.cert_dir or Path("certs"), args.cert_san)
+        except (DeploymentError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        for role, path in paths.items():
+            print(f"{role}: {path.resolve()}")
+        return 0
+
     def interrupt(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
+    if args.nodes < 1:
+        build_parser().error("--nodes must be >= 1")
     previous = {sig: signal.signal(sig, interrupt) for sig in TERMINATING_SIGNALS}
-    deployment = LocalDeployment(
-        nodes=args.nodes,
-        budgets=budgets,
-        tls=args.tls,
-        data_dir=args.data_dir,
-        flwr_home=args.flwr_home,
-        work_dir=args.work_dir,
-        cert_dir=args.cert_dir,
-        app_dir=args.app,
-        connection=args.connection,
-        node_threads=args.node_threads,
-        grace_s=args.grace,
-        echo=sys.stdout,
-    )
     try:
+        deployment = LocalDeployment(
+            nodes=args.nodes,
+            budgets=budgets,
+            tls=args.tls,
+            data_dir=args.data_dir,
+            flwr_home=args.flwr_home,
+            work_dir=args.work_dir,
+            cert_dir=args.cert_dir,
+            app_dir=args.app,
+            connection=args.connection,
+            node_threads=args.node_threads,
+            cert_sans=args.cert_san,
+            grace_s=args.grace,
+            echo=sys.stdout,
+        )
         with deployment:
             print(f"Work dir {deployment.work_dir} (logs/), FLWR_HOME {deployment.flwr_home}", flush=True)
             print(f"Started PIDs {deployment.started_pids}", flush=True)
@@ -837,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"{stop}; all processes stopped", file=sys.stderr)
         return 128 + stop.signum
-    except (DeploymentError, TimeoutError) as error:
+    except (DeploymentError, TimeoutError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

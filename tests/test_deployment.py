@@ -80,7 +80,7 @@ def _pids_with_env(entry: str) -> list[int]:
 
 def _assert_all_stopped(dep) -> None:
     assert dep.started_pids and set(dep.started_pids) <= dep.seen_pids
-    assert not [pid for pid in dep.seen_pids if dl.pid_alive(pid) and pid in dl.pids_with_marker(dep.marker)]
+    assert dl.pids_with_marker(dep.marker) == []
     assert dep.leftovers() == []
     assert _pids_with_env(f"FLWR_HOME={dep.flwr_home}") == []
 
@@ -98,25 +98,22 @@ def test_insecure_supernodes_train_at_their_own_budgets(app: Path, tmp_path: Pat
     dep = dl.LocalDeployment(
         nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1
     )
-    try:
-        with dep:
-            assert len(dep.online_nodes()) == 3
-            assert [s.node_config for s in dep.specs] == [
-                "partition-id=0 num-partitions=3 split-ratio=0.25",
-                "partition-id=1 num-partitions=3 split-ratio=0.5",
-                "partition-id=2 num-partitions=3 split-ratio=1.0",
-            ]
-            result = dep.run(_quick(output_dir, rounds=2, nodes=3), timeout=RUN_TIMEOUT_S)
-            # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`.
-            invalid = dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)
-            # A crashed SuperNode comes back (same port and node config) as a new node.
-            before = set(dep.online_nodes())
-            crashed = dep.kill_supernode(0)
-            assert not dl.pid_alive(crashed)
-            assert dep.restart_supernode(0) not in before
-            assert dep.supernodes[0].pid != crashed
-    finally:
-        dep.stop()
+    with dep:
+        assert len(dep.online_nodes()) == 3
+        assert [s.node_config for s in dep.specs] == [
+            "partition-id=0 num-partitions=3 split-ratio=0.25",
+            "partition-id=1 num-partitions=3 split-ratio=0.5",
+            "partition-id=2 num-partitions=3 split-ratio=1.0",
+        ]
+        result = dep.run(_quick(output_dir, rounds=2, nodes=3), timeout=RUN_TIMEOUT_S)
+        # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`.
+        invalid = dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)
+        # A crashed SuperNode comes back (same port and node config) as a new node.
+        before = set(dep.online_nodes())
+        crashed = dep.kill_supernode(0)
+        assert not dl.pid_alive(crashed)
+        assert dep.restart_supernode(0) not in before
+        assert dep.supernodes[0].pid != crashed
     _assert_all_stopped(dep)
     assert crashed in dep.started_pids and len(dep.started_pids) == 5
 
