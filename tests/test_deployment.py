@@ -202,3 +202,45 @@ def test_sigterm_stops_every_process_the_command_line_started(app: Path, tmp_pat
     assert len(started) == 3
     assert not [pid for pid in started if dl.pid_alive(pid)]
     assert _pids_with_env(f"FLWR_HOME={work / 'flwr-home'}") == []
+
+
+def _wait_for_round(output_dir: Path, server_round: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(row["round"] >= server_round for row in _rows(output_dir)):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"round {server_round} not reached in {timeout:.0f} s")
+
+
+def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path: Path) -> None:
+    """3 SuperNodes (budgets 0.25/0.5/1.0), 3 rounds of MSfusion; node 2 is killed (SIGKILL) as round 2
+    starts and restarted while the server still waits for it: round 2 is aggregated from partitions
+    0 and 1, the run goes on, and the restarted node (a new node id) takes part in round 3."""
+    import threading
+
+    output_dir = tmp_path / "outputs" / "kill"
+    config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 40.0}
+    dep = dl.LocalDeployment(nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1)
+    results: list = []
+    with dep:
+        runner = threading.Thread(target=lambda: results.append(dep.run(config, timeout=RUN_TIMEOUT_S)))
+        runner.start()
+        _wait_for_round(output_dir, 1, timeout=RUN_TIMEOUT_S)
+        dep.kill_supernode(2)  # a crash while round 2 is under way
+        dep.restart_supernode(2)  # back (new node id) before round 2's 40 s timeout ends
+        runner.join(RUN_TIMEOUT_S)
+        assert not runner.is_alive()
+    _assert_all_stopped(dep)
+    result = results[0]
+    assert result.status == "finished:completed", result.log[-4000:]
+    rows = _rows(output_dir)
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert rows[1]["participants"] == [0, 1, 2]
+    assert rows[2]["participants"] == [0, 1]
+    assert any(f.startswith("partition 2 ") for f in rows[2]["failures"]), rows[2]["failures"]
+    assert 2 in rows[3]["participants"], rows[3]["failures"]
+    assert rows[3]["accuracy"] > 0.1
