@@ -93,86 +93,6 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
-def test_insecure_supernodes_train_at_their_own_budgets(app: Path, tmp_path: Path) -> None:
-    output_dir = tmp_path / "outputs" / "budgets"
-    dep = dl.LocalDeployment(
-        nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1
-    )
-    with dep:
-        assert len(dep.online_nodes()) == 3
-        assert [s.node_config for s in dep.specs] == [
-            "partition-id=0 num-partitions=3 split-ratio=0.25",
-            "partition-id=1 num-partitions=3 split-ratio=0.5",
-            "partition-id=2 num-partitions=3 split-ratio=1.0",
-        ]
-        result = dep.run(_quick(output_dir, rounds=2, nodes=3), timeout=RUN_TIMEOUT_S)
-        # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`.
-        invalid = dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)
-        # A crashed SuperNode comes back (same port and node config) as a new node.
-        before = set(dep.online_nodes())
-        crashed = dep.kill_supernode(0)
-        assert not dl.pid_alive(crashed)
-        assert dep.restart_supernode(0) not in before
-        assert dep.supernodes[0].pid != crashed
-    _assert_all_stopped(dep)
-    assert crashed in dep.started_pids and len(dep.started_pids) == 5
-
-    assert result.status == "finished:completed", result.log[-4000:]
-    assert result.returncode == 0
-    assert result.output_dir == output_dir
-    rows = _rows(output_dir)
-    assert [row["round"] for row in rows] == [0, 1, 2]
-    for row in rows[1:]:
-        assert row["participants"] == [0, 1, 2], row
-        assert row["failures"] == []
-        down = _bytes_down_by_partition(row)
-        assert down[0] < down[1] < down[2], down
-        assert down[2] == _full_model_bytes()  # split-ratio 1.0: the whole model
-        assert row["bytes_down"] == sum(down.values())
-    assert rows[-1]["accuracy"] > 0.1
-
-    assert invalid.status == "finished:failed", invalid.log[-4000:]
-    assert invalid.returncode == 0
-    assert "invalid run config: config key 'split-ratio'" in invalid.log
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="TLS certificates are generated with the openssl CLI")
-def test_tls_deployment_through_the_command_line(app: Path, tmp_path: Path) -> None:
-    output_dir = tmp_path / "outputs" / "tls"
-    work = tmp_path / "deploy"
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in _quick(output_dir, rounds=1, nodes=2).items())
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--nodes", "2", "--budgets", "0.25,0.5", "--tls", "--node-threads", "1",
-         "--app", str(app), "--work-dir", str(work), "--run-config", run_config],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    assert re.search(r"Run \d+: finished:completed", out), out[-4000:]
-    assert f"Run outputs: {output_dir}" in out
-
-    # TLS everywhere: the SuperLink serves HTTPS, the CLI and the SuperNodes trust the generated CA.
-    certs = work / "certs"
-    assert all((certs / name).is_file() for name in ("ca.pem", "server.pem", "server.key"))
-    assert "running on https://127.0.0.1:" in (work / "logs" / "superlink.log").read_text(errors="replace")
-    config = (work / "flwr-home" / "config.toml").read_text()
-    assert f'root-certificates = "{certs / "ca.pem"}"' in config and "insecure" not in config
-    assert "--root-certificates" in out and "--insecure" not in out.split("Started PIDs")[0]
-
-    rows = _rows(output_dir)
-    assert [row["round"] for row in rows] == [0, 1]
-    assert rows[1]["participants"] == [0, 1]
-    down = _bytes_down_by_partition(rows[1])
-    assert down[0] < down[1], down
-
-    # Every PID it printed, and everything that ran with its FLWR_HOME, is gone.
-    started = json.loads(re.search(r"Started PIDs (\[[\d, ]+\])", out).group(1))
-    stopped = json.loads(re.search(r"Stopped \d+ processes \(PIDs (\[[\d, ]*\])\)", out).group(1))
-    assert len(started) == 3 and set(started) <= set(stopped)
-    assert not [pid for pid in stopped if dl.pid_alive(pid)]
-    assert _pids_with_env(f"FLWR_HOME={work / 'flwr-home'}") == []
-
-
 def test_sigterm_stops_every_process_the_command_line_started(app: Path, tmp_path: Path) -> None:
     work = tmp_path / "cli"
     proc = subprocess.Popen(
@@ -216,24 +136,32 @@ def _wait_for_round(output_dir: Path, server_round: int, timeout: float) -> None
     raise TimeoutError(f"round {server_round} not reached in {timeout:.0f} s")
 
 
-def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "tls",
+    [False, pytest.param(True, marks=pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"))],
+    ids=["insecure", "tls"],
+)
+def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path: Path, tls: bool) -> None:
     """3 SuperNodes (budgets 0.25/0.5/1.0), 3 rounds of MSfusion; node 2 is killed (SIGKILL) as round 2
     starts and restarted while the server still waits for it: round 2 is aggregated from partitions
     0 and 1, the run goes on, and the restarted node (a new node id) takes part in round 3."""
     import threading
 
     output_dir = tmp_path / "outputs" / "kill"
-    config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 40.0}
-    dep = dl.LocalDeployment(nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1)
+    config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 45.0}
+    dep = dl.LocalDeployment(
+        nodes=3, budgets=(0.25, 0.5, 1.0), tls=tls, app_dir=app, work_dir=tmp_path / "deploy", node_threads=1
+    )
     results: list = []
     with dep:
         runner = threading.Thread(target=lambda: results.append(dep.run(config, timeout=RUN_TIMEOUT_S)))
         runner.start()
         _wait_for_round(output_dir, 1, timeout=RUN_TIMEOUT_S)
         dep.kill_supernode(2)  # a crash while round 2 is under way
-        dep.restart_supernode(2)  # back (new node id) before round 2's 40 s timeout ends
+        dep.restart_supernode(2)  # back (new node id) before round 2's 45 s timeout ends
         runner.join(RUN_TIMEOUT_S)
         assert not runner.is_alive()
+        invalid = [] if tls else [dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)]
     _assert_all_stopped(dep)
     result = results[0]
     assert result.status == "finished:completed", result.log[-4000:]
@@ -244,3 +172,15 @@ def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path
     assert any(f.startswith("partition 2 ") for f in rows[2]["failures"]), rows[2]["failures"]
     assert 2 in rows[3]["participants"], rows[3]["failures"]
     assert rows[3]["accuracy"] > 0.1
+    down = _bytes_down_by_partition(rows[1])  # each node's own split-ratio reached the server
+    assert down[0] < down[1] < down[2] == _full_model_bytes(), down
+    assert rows[1]["bytes_down"] == sum(down.values())
+    if tls:  # TLS everywhere: the SuperLink serves HTTPS, the CLI and the SuperNodes trust the generated CA
+        certs = tmp_path / "deploy" / "certs"
+        assert all((certs / name).is_file() for name in ("ca.pem", "server.pem", "server.key"))
+        assert "running on https://127.0.0.1:" in (tmp_path / "deploy" / "logs" / "superlink.log").read_text(errors="replace")
+        connection = (dep.flwr_home / "config.toml").read_text()
+        assert f'root-certificates = "{certs / "ca.pem"}"' in connection and "insecure" not in connection
+    else:  # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`
+        assert invalid[0].status == "finished:failed" and invalid[0].returncode == 0
+        assert "invalid run config: config key 'split-ratio'" in invalid[0].log

@@ -20,6 +20,7 @@ def test_method_trains_through_the_simulation_engine(method, tmp_path):
             "data-fraction": 0.05,
             "partitioner": "iid",
             "budgets": "0.25,0.5",
+            "eval-every": 100,  # round 0 and the last round
             "min-available-nodes": 3,
             "output-dir": str(tmp_path / method),
         },

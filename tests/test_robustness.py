@@ -89,7 +89,7 @@ def test_same_config_and_seed_give_identical_metrics_and_model(tmp_path):
         return value
 
     runs = [
-        run_experiment({**QUICK, "num-server-rounds": 2, "eval-every": 1, "min-available-nodes": 3,
+        run_experiment({**QUICK, "num-server-rounds": 2, "min-available-nodes": 3,
                         "output-dir": str(tmp_path / name)}, num_supernodes=3)
         for name in ("a", "b")
     ]
