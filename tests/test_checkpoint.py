@@ -16,6 +16,7 @@ from msfusion_flwr import checkpoint as ckpt
 from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import ConfigError, resolve_config
 from msfusion_flwr.reporting import MODEL_FILE, read_metrics
+from run_rows import strip_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {
@@ -29,16 +30,6 @@ RUN = {
     "checkpoint-every": 1,
     "contrastive-weight": 1.0,
 }
-TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
-
-
-def strip_timing(value):
-    """Rows without wall-clock measurements (and FedDF's timed server costs)."""
-    if isinstance(value, dict):
-        return {k: strip_timing(v) for k, v in value.items() if not any(t in k for t in TIMING) and k != "server_costs"}
-    if isinstance(value, list):
-        return [strip_timing(v) for v in value]
-    return value
 
 
 # --- atomic writes ----------------------------------------------------------

@@ -14,6 +14,7 @@ from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, METRICS
 from msfusion_flwr.reporting import MODEL_FILE, read_metrics
 from msfusion_flwr.splitting import SplitSpec, flat_positions
+from run_rows import strip_timing
 
 QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "partitioner": "iid", "eval-every": 100, "seed": 3}
 
@@ -79,21 +80,12 @@ def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(
 
 def test_same_config_and_seed_give_identical_metrics_and_model(tmp_path):
     """Two runs of one config (contrastive loss on, 2 rounds) agree on everything but wall times."""
-    timing = ("wall_s", "elapsed_s", "train_time_s")
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not any(t in k for t in timing) and k != "server_costs"}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
     runs = [
         run_experiment({**QUICK, "num-server-rounds": 2, "min-available-nodes": 3,
                         "output-dir": str(tmp_path / name)}, num_supernodes=3)
         for name in ("a", "b")
     ]
-    first, second = (strip(read_metrics(r)) for r in runs)
+    first, second = (strip_timing(read_metrics(r)) for r in runs)
     assert first == second
     assert first[-1]["accuracy"] is not None
     a, b = (torch.load(r / MODEL_FILE) for r in runs)
