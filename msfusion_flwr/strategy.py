@@ -108,19 +108,25 @@ class TrafficMeter:
             log(WARNING, "round %d: left out %s", server_round, reason)
 
 
-def check_reply(reply: Message, expected_shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why ``reply`` must be left out, or None when it matches the plan sent."""
+def check_reply(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """Why ``reply`` must be left out, or None when it matches the plan sent.
+
+    ``expected``: array name -> (shape, numpy dtype name) of what was sent.
+    """
     if reply.has_error():
         return f"error reply ({reply.error.reason})"
     content = reply.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return f"reply lacks '{ARRAYS}' or '{METRICS}'"
     arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
-    if set(arrays) != set(expected_shapes):
-        return f"array names differ from the plan sent"
+    if set(arrays) != set(expected):
+        return "array names differ from the plan sent"
     for key, array in arrays.items():
-        if tuple(array.shape) != tuple(expected_shapes[key]):
-            return f"{key} has shape {tuple(array.shape)}, expected {expected_shapes[key]}"
+        shape, dtype = expected[key]
+        if tuple(array.shape) != shape:
+            return f"{key} has shape {tuple(array.shape)}, expected {shape}"
+        if str(array.dtype) != dtype:
+            return f"{key} has dtype {array.dtype}, expected {dtype}"
         if not torch.isfinite(torch.from_numpy(array.numpy())).all():
             return f"{key} has non-finite values"
     count = metrics.get(WEIGHT_KEY)
@@ -204,7 +210,7 @@ class SubmodelStrategy(Strategy):
         self._global: dict[str, torch.Tensor] = {}
         self._plans: dict[int, IndexPlan] = {}
         self._rates: dict[int, float] = {}
-        self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._expected: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._accepted: list[Message] = []
 
     def summary(self) -> None:
@@ -277,7 +283,7 @@ class SubmodelStrategy(Strategy):
             sub_state = slice_state(self._global, self.spec, assignment.plan)
             self._plans[node] = assignment.plan
             self._rates[node] = assignment.rate
-            self._expected[node] = {k: tuple(v.shape) for k, v in sub_state.items()}
+            self._expected[node] = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in sub_state.items()}
             train_config = ConfigRecord({**config, "server-round": server_round, "split-rate": assignment.rate})
             content = RecordDict(
                 {

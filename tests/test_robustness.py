@@ -20,7 +20,7 @@ QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "partitioner": "iid", "e
 
 
 def tamper(reply: Message, partition_id: int) -> Message:
-    """Partition 0 is honest; 1..5 send wrong shapes, NaN, a missing array, an extra array, a negative count."""
+    """Partition 0 is honest; 1..6 send wrong shapes, NaN, a missing array, an extra array, a negative count, float64."""
     arrays = reply.content.array_records[ARRAYS]
     if partition_id == 1:
         arrays["fc.weight"] = Array(arrays["fc.weight"].numpy()[:-1])
@@ -34,6 +34,8 @@ def tamper(reply: Message, partition_id: int) -> Message:
         arrays["backdoor"] = Array(np.zeros(3, dtype=np.float32))
     elif partition_id == 5:
         reply.content.metric_records[METRICS]["num-examples"] = -5.0
+    elif partition_id == 6:
+        arrays["fc.bias"] = Array(arrays["fc.bias"].numpy().astype(np.float64))
     return reply
 
 
@@ -50,24 +52,24 @@ def faulty_client_app() -> ClientApp:
 
 
 def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(tmp_path):
-    """Five faulty replies are rejected, each named; only the honest slice changes the global model."""
+    """Six faulty replies are rejected, each named; only the honest slice changes the global model."""
     out = run_experiment(
-        {**QUICK, "min-available-nodes": 6, "output-dir": str(tmp_path / "run")},
-        num_supernodes=6,
+        {**QUICK, "min-available-nodes": 7, "output-dir": str(tmp_path / "run")},
+        num_supernodes=7,
         client_app=faulty_client_app(),
     )
     row = read_metrics(out)[1]
     assert row["participants"] == [0]
     reasons = " | ".join(row["failures"])
-    assert len(row["failures"]) == 5
-    assert [f.split(" (node")[0] for f in row["failures"]] == [f"partition {p}" for p in range(1, 6)]
-    for expected in ("shape", "non-finite", "array names differ", "array names differ", "must be positive"):
+    assert len(row["failures"]) == 6
+    assert [f.split(" (node")[0] for f in row["failures"]] == [f"partition {p}" for p in range(1, 7)]
+    for expected in ("shape", "non-finite", "array names differ", "must be positive", "has dtype float64, expected float32"):
         assert expected in reasons
     torch.manual_seed(QUICK["seed"])  # the server's initial model
     initial = build_model("cnn").state_dict()
     final = torch.load(out / MODEL_FILE)
     spec = SplitSpec.from_model(build_model("cnn"))
-    honest_plan = DoubleShift().plan(spec.widths, 0.25, 0, 6, 1)  # rank 0 of 6, round 1
+    honest_plan = DoubleShift().plan(spec.widths, 0.25, 0, 7, 1)  # rank 0 of 7, round 1
     positions = spec.positions(honest_plan)
     for key, tensor in final.items():
         assert torch.isfinite(tensor).all()
