@@ -124,6 +124,24 @@ def expand(matrix: Matrix) -> list[RunSpec]:
     return specs
 
 
+def select(specs: Sequence[RunSpec], only: Iterable[str]) -> list[RunSpec]:
+    """The specs whose labels match every ``key=value`` in ``only`` (e.g. ``seed=0``).
+
+    Lets a long matrix be run in a chosen order (one seed of every variant
+    first) or split across machines; run ids do not change, so the full matrix
+    later skips what a selection finished.
+    """
+    wanted = {}
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MatrixError(f"--only {item!r}: expected key=value")
+        if not any(key in spec.labels for spec in specs):
+            raise MatrixError(f"--only {item!r}: {key!r} is not an axis of this matrix")
+        wanted[key] = value
+    return [s for s in specs if all(key in s.labels and _slug(s.labels[key]) == v for key, v in wanted.items())]
+
+
 def is_complete(spec: RunSpec, results_dir: Path) -> bool:
     """Whether the run already finished with this exact config."""
     out = spec.output_dir(results_dir)

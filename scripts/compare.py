@@ -1,6 +1,7 @@
 """Run a comparison matrix (resumable) and write results.csv, results.md and plots.
 
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir docs/results/fashion-mnist
+    .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --only seed=0
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --report-only
 
 Runs that already finished with the same config are skipped; the report covers
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from msfusion_flwr.comparison import MatrixError, expand, load_matrix, run_matrix, write_report
+from msfusion_flwr.comparison import MatrixError, expand, load_matrix, run_matrix, select, write_report
 from msfusion_flwr.config import ConfigError
 
 
@@ -23,17 +24,19 @@ def main() -> None:
     parser.add_argument("matrix", help="matrix file (TOML)")
     parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs; run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help="run only the runs with this label (repeatable); the report still covers every finished run")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's INFO log")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         matrix = load_matrix(args.matrix)
         specs = expand(matrix)
+        chosen = select(specs, args.only)
     except (MatrixError, ConfigError) as error:
         sys.exit(f"error: {error}")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_matrix(specs, args.results_dir, verbose=args.verbose)
+        run_matrix(chosen, args.results_dir, verbose=args.verbose)
     for path in write_report(matrix, specs, args.results_dir):
         print(path)
 

@@ -13,6 +13,7 @@ from msfusion_flwr.comparison import (
     markdown_table,
     rounds_to_reach,
     run_matrix,
+    select,
     summarize_run,
     write_report,
 )
@@ -51,6 +52,20 @@ def test_expand_takes_the_product_applies_variants_and_zips_points(tmp_path):
     assert all(s.config["shift-step"] == 0 and s.config["method"] == "msfusion" for s in ablation)
     assert {s.config["split-ratio"] for s in specs} == {0.5, 0.25}
     assert all(s.config["min-available-nodes"] == 2 for s in specs)
+
+
+def test_select_keeps_matching_runs_with_unchanged_ids(tmp_path):
+    """--only seed=1 picks one seed of every variant; ids equal the full matrix's; bad filters are one-line errors."""
+    specs = expand(load_matrix(write_matrix(tmp_path, seeds="[0, 1, 2]")))
+    chosen = select(specs, ["seed=1"])
+    assert [s.run_id for s in chosen] == [s.run_id for s in specs if s.labels["seed"] == 1]
+    assert len(chosen) == 2 and all("seed=1" in s.run_id for s in chosen)
+    assert select(specs, ["seed=1", "variant=msfusion"]) == [s for s in chosen if s.variant == "msfusion"]
+    assert select(specs, []) == list(specs)
+    with pytest.raises(MatrixError, match="not an axis"):
+        select(specs, ["colour=red"])
+    with pytest.raises(MatrixError, match="key=value"):
+        select(specs, ["seed"])
 
 
 def test_bad_matrices_fail_before_running(tmp_path):
