@@ -9,7 +9,18 @@ A matrix file (TOML) holds
   ``num-supernodes`` and any run-config key;
 * ``[[points]]`` (optional): sets of values that go together (e.g. more
   participants with a smaller split ratio), multiplied with ``[matrix]``;
-* ``target-accuracy`` (optional): for "rounds to reach".
+* ``metric`` (optional, top level): the global-model metric the report is
+  about, ``"accuracy"`` (the default; higher is better), ``"perplexity"``
+  (language models; lower is better) or ``"loss"`` (lower is better). The
+  summaries (``final_<metric>``, ``best_<metric>``: the maximum or minimum by
+  direction), the Markdown table's columns and the plots (``<metric>_vs_*.png``,
+  the y-axis labelled with the metric, logarithmic for perplexity) follow it;
+* ``target`` (optional, top level): the value of ``metric`` to reach for
+  "rounds to reach" (the first evaluated round with accuracy >= target, or
+  perplexity / loss <= target). Default 0.8 for accuracy; for perplexity and
+  loss without a target there is no "rounds to" column;
+* ``target-accuracy`` (optional, top level): the older spelling of ``target``,
+  for ``metric = "accuracy"`` only (not together with ``target``).
 
 Every run goes through :func:`msfusion_flwr.apps.run_experiment` (in-process
 simulation) into ``<results>/runs/<run id>/``; a run whose metrics already
@@ -43,6 +54,12 @@ PER_ROUND_COSTS = ("flops_max", "bytes_down_max", "bytes_up_max", "peak_memory_b
 CUMULATIVE_COSTS = ("cum_flops_per_participant_max", "cum_bytes_down_per_participant_max", "cum_bytes_up_per_participant_max")
 
 
+METRICS = {"accuracy": True, "perplexity": False, "loss": False}
+"""Metrics a matrix can be about -> whether higher is better."""
+DEFAULT_TARGETS = {"accuracy": 0.8}
+"""The target when a matrix names none (other metrics: no "rounds to")."""
+
+
 class MatrixError(ValueError):
     """An invalid matrix file; the message is one line."""
 
@@ -55,7 +72,8 @@ class Matrix:
     variants: dict[str, dict[str, Any]]
     axes: dict[str, list[Any]]
     points: list[dict[str, Any]] = field(default_factory=lambda: [{}])
-    target_accuracy: float = 0.8
+    metric: str = "accuracy"
+    target: float | None = 0.8
 
 
 @dataclass(frozen=True)
@@ -78,9 +96,10 @@ def load_matrix(path: str | Path) -> Matrix:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise MatrixError(f"cannot read matrix {path}: {error}") from None
-    unknown = set(raw) - {"base", "variants", "matrix", "points", "target-accuracy"}
+    unknown = set(raw) - {"base", "variants", "matrix", "points", "metric", "target", "target-accuracy"}
     if unknown:
         raise MatrixError(f"matrix {path}: unknown section(s) {sorted(unknown)}")
+    metric, target = _metric_and_target(raw, path)
     axes = {k: v if isinstance(v, list) else [v] for k, v in raw.get("matrix", {}).items()}
     axes.setdefault("variant", ["msfusion"])
     axes.setdefault("num-supernodes", [10])
@@ -89,12 +108,31 @@ def load_matrix(path: str | Path) -> Matrix:
         variants={k: dict(v) for k, v in raw.get("variants", {}).items()},
         axes=axes,
         points=[dict(p) for p in raw.get("points", [{}])] or [{}],
-        target_accuracy=float(raw.get("target-accuracy", 0.8)),
+        metric=metric,
+        target=target,
     )
     for variant in axes["variant"]:
         if variant not in matrix.variants and variant not in METHODS:
             raise MatrixError(f"matrix {path}: variant {variant!r} is neither a method nor in [variants]")
     return matrix
+
+
+def _metric_and_target(raw: Mapping[str, Any], path: str | Path) -> tuple[str, float | None]:
+    """The matrix's ``metric`` and ``target`` (``target-accuracy`` being accuracy's target)."""
+    metric = raw.get("metric", "accuracy")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise MatrixError(f"matrix {path}: metric {metric!r} is not one of {', '.join(METRICS)}")
+    if "target" in raw and "target-accuracy" in raw:
+        raise MatrixError(f"matrix {path}: give either target or target-accuracy, not both")
+    if "target-accuracy" in raw and metric != "accuracy":
+        raise MatrixError(f"matrix {path}: target-accuracy is for metric accuracy; with metric {metric!r} use target")
+    key = "target-accuracy" if "target-accuracy" in raw else "target"
+    if key not in raw:
+        return metric, DEFAULT_TARGETS.get(metric)
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise MatrixError(f"matrix {path}: {key} must be a number, not {value!r}")
+    return metric, float(value)
 
 
 def _slug(value: Any) -> str:
@@ -209,25 +247,50 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
     return pending
 
 
-def rounds_to_reach(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
-    """First round whose global accuracy is at least ``target`` (None if never)."""
+def _check_metric(metric: str) -> bool:
+    """Whether higher is better for ``metric``; ValueError for an unknown one."""
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    return METRICS[metric]
+
+
+def rounds_to_reach(rows: Sequence[Mapping[str, Any]], target: float, metric: str = "accuracy") -> int | None:
+    """First round whose global ``metric`` reaches ``target`` (None if never).
+
+    Reaching is ``>= target`` for accuracy and ``<= target`` for perplexity and
+    loss; rounds without the metric (not evaluated) do not count.
+    """
+    higher_is_better = _check_metric(metric)
     for row in rows:
-        if row.get("accuracy") is not None and row["accuracy"] >= target:
+        value = row.get(metric)
+        if value is not None and (value >= target if higher_is_better else value <= target):
             return int(row["round"])
     return None
 
 
-def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
-    """One results.csv row."""
-    evaluated = [r for r in rows if r.get("accuracy") is not None]
+def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: float | None, metric: str = "accuracy") -> dict[str, Any]:
+    """One results.csv row.
+
+    ``final_<metric>`` and ``best_<metric>`` (max or min by the metric's
+    direction), then the final values of the other metrics (perplexity only
+    for runs that report one; loss always), ``rounds_to_target`` (None if
+    never reached or no target), costs, failed replies and wall time.
+    """
+    higher_is_better = _check_metric(metric)
+    evaluated = [r for r in rows if r.get(metric) is not None]
     trained = [r for r in rows if r["round"] > 0]
     summary: dict[str, Any] = {"run_id": spec.run_id, "variant": spec.variant, **{k: v for k, v in spec.labels.items() if k != "variant"}}
     config = resolve_config(spec.config)
     summary.update({"method": config["method"], "split-ratio": config["split-ratio"], "rounds": config["num-server-rounds"]})
-    summary["final_accuracy"] = evaluated[-1]["accuracy"] if evaluated else None
-    summary["best_accuracy"] = max((r["accuracy"] for r in evaluated), default=None)
-    summary["final_loss"] = evaluated[-1]["loss"] if evaluated else None
-    summary["rounds_to_target"] = rounds_to_reach(rows, target)
+    summary[f"final_{metric}"] = evaluated[-1][metric] if evaluated else None
+    best = max if higher_is_better else min
+    summary[f"best_{metric}"] = best((r[metric] for r in evaluated), default=None)
+    for other in METRICS:
+        if other == metric or (other == "perplexity" and not any(r.get("perplexity") is not None for r in rows)):
+            continue
+        with_other = [r for r in rows if r.get(other) is not None]
+        summary[f"final_{other}"] = with_other[-1][other] if with_other else None
+    summary["rounds_to_target"] = rounds_to_reach(rows, target, metric) if target is not None else None
     for key in PER_ROUND_COSTS:
         values = [r[key] for r in trained if key in r]
         summary[f"{key}_per_round"] = statistics.fmean(values) if values else None
@@ -242,12 +305,29 @@ def _group_key(summary: Mapping[str, Any], axes: Iterable[str]) -> tuple:
     return tuple((a, summary.get(a)) for a in axes)
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation; 0 for one value, nan if any value is not finite."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def _mean_std(values: Sequence[float], digits: int = 4) -> str:
     if not values:
         return "—"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {_std(values):.{digits}f}"
+
+
+METRIC_COLUMNS = {"accuracy": "acc", "perplexity": "perplexity", "loss": "loss"}
+"""A metric's name in the Markdown table's header."""
+METRIC_DIGITS = {"accuracy": 4, "perplexity": 2, "loss": 4}
+"""Decimals of a metric in the Markdown table."""
+
+
+def _reach_header(metric: str, target: float) -> str:
+    if metric == "accuracy":
+        return f"rounds to {target:.0%}"
+    return f"rounds to {metric} {'>=' if METRICS[metric] else '<='} {target:g}"
 
 
 def _si(value: float | None, unit: str) -> str:
@@ -259,19 +339,29 @@ def _si(value: float | None, unit: str) -> str:
     return f"{value:.0f} {unit}"
 
 
-def markdown_table(summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[str], target: float) -> str:
-    """Mean ± std over seeds per group: accuracy, rounds to target, per-participant costs."""
+def markdown_table(
+    summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[str], target: float | None, metric: str = "accuracy"
+) -> str:
+    """Mean ± std over seeds per group: the metric (final, best), rounds to target, per-participant costs.
+
+    Columns "final <metric>", "best <metric>" and "rounds to <metric> >= / <= target"
+    (for accuracy, as before: "final acc", "best acc", "rounds to 80%"); no
+    "rounds to" column when ``target`` is None.
+    """
+    _check_metric(metric)
+    name, digits = METRIC_COLUMNS[metric], METRIC_DIGITS[metric]
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for s in summaries:
         groups[_group_key(s, group_axes)].append(s)
-    header = [*group_axes, "seeds", "final acc", "best acc", f"rounds to {target:.0%}",
+    reach_header = [] if target is None else [_reach_header(metric, target)]
+    header = [*group_axes, "seeds", f"final {name}", f"best {name}", *reach_header,
               "FLOPs / participant / round", "bytes down / participant / round", "bytes up / participant / round",
               "peak memory / participant", "trained params / participant", "failed replies"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, runs in groups.items():
-        finals = [r["final_accuracy"] for r in runs if r["final_accuracy"] is not None]
-        bests = [r["best_accuracy"] for r in runs if r["best_accuracy"] is not None]
-        reached = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
+        finals = [r[f"final_{metric}"] for r in runs if r.get(f"final_{metric}") is not None]
+        bests = [r[f"best_{metric}"] for r in runs if r.get(f"best_{metric}") is not None]
+        reached = [r["rounds_to_target"] for r in runs if r.get("rounds_to_target") is not None]
         reach = f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(runs)} reached)" if reached else f"never (0/{len(runs)})"
 
         def cost(name: str) -> float | None:
@@ -279,7 +369,7 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[
             return statistics.fmean(values) if values else None
 
         cells = [str(v) for _, v in key] + [
-            str(len(runs)), _mean_std(finals), _mean_std(bests), reach,
+            str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), *([reach] if reach_header else []),
             _si(cost("flops_max_per_round"), "FLOP"), _si(cost("bytes_down_max_per_round"), "B"),
             _si(cost("bytes_up_max_per_round"), "B"), _si(cost("peak_memory_bytes_max_per_round"), "B"),
             _si(cost("trained_params_max_per_round"), ""),
@@ -289,31 +379,42 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[
     return "\n".join(lines) + "\n"
 
 
-def _curves(runs: Sequence[tuple[RunSpec, list[dict]]], x_of: Any) -> tuple[list[float], list[float], list[float]]:
-    """Mean x, mean and std of accuracy over seeds at every evaluated round common to all runs."""
-    by_round = [{r["round"]: r for r in rows if r.get("accuracy") is not None} for _, rows in runs]
+def _curves(
+    runs: Sequence[tuple[RunSpec, list[dict]]], x_of: Any, metric: str = "accuracy"
+) -> tuple[list[float], list[float], list[float]]:
+    """Mean x, mean and std of ``metric`` over seeds at every evaluated round common to all runs."""
+    by_round = [{r["round"]: r for r in rows if r.get(metric) is not None} for _, rows in runs]
     common = sorted(set.intersection(*(set(b) for b in by_round)))
     xs, means, stds = [], [], []
     for t in common:
-        accs = [b[t]["accuracy"] for b in by_round]
+        values = [b[t][metric] for b in by_round]
         xs.append(statistics.fmean(x_of(b[t]) for b in by_round))
-        means.append(statistics.fmean(accs))
-        stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        means.append(statistics.fmean(values))
+        stds.append(_std(values))
     return xs, means, stds
 
 
 PLOTS = {
-    "accuracy_vs_round": ("round", lambda r: r["round"]),
-    "accuracy_vs_participant_flops": ("cumulative training FLOPs of the busiest participant", lambda r: r.get("cum_flops_per_participant_max", 0.0)),
-    "accuracy_vs_participant_bytes": (
+    "vs_round": ("round", lambda r: r["round"]),
+    "vs_participant_flops": ("cumulative training FLOPs of the busiest participant", lambda r: r.get("cum_flops_per_participant_max", 0.0)),
+    "vs_participant_bytes": (
         "cumulative bytes (down + up) of the busiest participant",
         lambda r: r.get("cum_bytes_down_per_participant_max", 0.0) + r.get("cum_bytes_up_per_participant_max", 0.0),
     ),
 }
+"""Plot name (after ``<metric>_``) -> x-axis label and x of a row."""
 
 
-def plot_curves(results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]], group_axes: Sequence[str]) -> list[Path]:
-    """PNG plots, one curve per variant (mean over seeds, band = ± std), per group of the other axes."""
+def plot_curves(
+    results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]], group_axes: Sequence[str], metric: str = "accuracy"
+) -> list[Path]:
+    """PNG plots of ``metric``, one curve per variant (mean over seeds, band = ± std), per group of the other axes.
+
+    Files ``<metric>_vs_round``, ``<metric>_vs_participant_flops`` and
+    ``<metric>_vs_participant_bytes`` (plus ``__<axis>=<value>`` per group);
+    perplexity on a logarithmic y-axis.
+    """
+    _check_metric(metric)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,17 +430,19 @@ def plot_curves(results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]],
         for name, (xlabel, x_of) in PLOTS.items():
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for variant, runs in variants.items():
-                xs, means, stds = _curves(runs, x_of)
+                xs, means, stds = _curves(runs, x_of, metric)
                 ax.plot(xs, means, label=variant)
                 ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
-            if name != "accuracy_vs_round":
+            if name != "vs_round":
                 ax.set_xscale("symlog")
+            if metric == "perplexity":
+                ax.set_yscale("log")
             title = ", ".join(f"{a}={v}" for a, v in key) or "all runs"
-            ax.set(xlabel=xlabel, ylabel="test accuracy of the global model", title=title)
+            ax.set(xlabel=xlabel, ylabel=f"test {metric} of the global model", title=title)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
-            path = results_dir / f"{name}{suffix}.png"
+            path = results_dir / f"{metric}_{name}{suffix}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
@@ -349,7 +452,7 @@ def plot_curves(results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]],
 def write_report(matrix: Matrix, specs: Sequence[RunSpec], results_dir: Path) -> list[Path]:
     """results.csv, results.md and the plots, from the finished runs among ``specs``."""
     loaded = [(s, read_metrics(s.output_dir(results_dir))) for s in specs if is_complete(s, results_dir)]
-    summaries = [summarize_run(s, rows, matrix.target_accuracy) for s, rows in loaded]
+    summaries = [summarize_run(s, rows, matrix.target, matrix.metric) for s, rows in loaded]
     group_axes = ["variant"] + [a for a in matrix.axes if a not in ("variant", "seed") and len(matrix.axes[a]) > 1]
     group_axes += [k for k in matrix.points[0] if k not in group_axes]
     csv_path = results_dir / "results.csv"
@@ -360,7 +463,7 @@ def write_report(matrix: Matrix, specs: Sequence[RunSpec], results_dir: Path) ->
         writer.writerows(summaries)
     md_path = results_dir / "results.md"
     md_path.write_text(
-        f"{len(loaded)} of {len(specs)} runs finished.\n\n" + markdown_table(summaries, group_axes, matrix.target_accuracy)
+        f"{len(loaded)} of {len(specs)} runs finished.\n\n" + markdown_table(summaries, group_axes, matrix.target, matrix.metric)
     )
-    return [csv_path, md_path, *plot_curves(results_dir, loaded, group_axes)]
+    return [csv_path, md_path, *plot_curves(results_dir, loaded, group_axes, matrix.metric)]
 

@@ -5,6 +5,10 @@ Every run writes to its output directory:
 * ``config.json``: the resolved run config;
 * ``metrics.jsonl``: one JSON object per round (round 0 is the initial model)
   with ``round``, ``accuracy`` and ``loss`` of the global model when evaluated,
+  ``perplexity`` (``exp(loss)`` for language-model runs, where ``loss`` is the
+  mean token negative log-likelihood and ``accuracy`` the next-token accuracy;
+  null for image classification and on rounds not evaluated; absent from rows
+  written before it existed, which read as null),
   ``participants`` (partition ids), ``bytes_down``/``bytes_up`` (array bytes
   actually sent and received), ``train_loss``, ``failures``, ``wall_s`` (the
   round's wall time) and ``elapsed_s``; per-participant measured costs
@@ -15,7 +19,8 @@ Every run writes to its output directory:
 * ``global_model.pt``: the final global model's state dict;
 * ``checkpoint.pt``: with ``checkpoint-every`` > 0, the state to resume from
   (see :mod:`msfusion_flwr.checkpoint`);
-* ``curves.png``: accuracy and loss of the global model against the round.
+* ``curves.png``: accuracy (perplexity, on a log scale, for language-model
+  runs) and loss of the global model against the round.
 """
 
 from __future__ import annotations
@@ -148,26 +153,39 @@ class RunReporter:
         return path
 
     def plot_curves(self) -> Path:
-        """Accuracy and loss of the evaluated rounds, as curves.png."""
-        import matplotlib
+        """Accuracy (perplexity for language models) and loss of the evaluated rounds, as curves.png."""
+        return plot_curves(read_metrics(self.output_dir), self.output_dir / CURVES_FILE)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        rows = [r for r in read_metrics(self.output_dir) if r.get("accuracy") is not None]
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-        rounds = [r["round"] for r in rows]
-        ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o")
-        ax_acc.set(xlabel="round", ylabel="test accuracy", title="global model accuracy")
-        ax_loss.plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red")
-        ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
-        for ax in (ax_acc, ax_loss):
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.output_dir / CURVES_FILE
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+def plot_curves(rows: list[Mapping[str, Any]], path: str | Path) -> Path:
+    """Plot a run's metrics rows to ``path``: accuracy and loss of the evaluated rounds.
+
+    A language-model run (one whose rows have a ``perplexity``) shows
+    perplexity, on a logarithmic axis, instead of accuracy.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    language_model = any(r.get("perplexity") is not None for r in rows)
+    metric = "perplexity" if language_model else "accuracy"
+    rows = [r for r in rows if r.get(metric) is not None]
+    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [r["round"] for r in rows]
+    ax_metric.plot(rounds, [r[metric] for r in rows], marker="o")
+    ax_metric.set(xlabel="round", ylabel=f"test {metric}", title=f"global model {metric}")
+    if language_model:
+        ax_metric.set_yscale("log")
+    ax_loss.plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red")
+    ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
+    for ax in (ax_metric, ax_loss):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def round_line(row: Mapping[str, Any], num_rounds: int) -> str:
@@ -175,6 +193,8 @@ def round_line(row: Mapping[str, Any], num_rounds: int) -> str:
     parts = [f"round {row['round']}/{num_rounds}"]
     if row.get("accuracy") is not None:
         parts.append(f"acc {row['accuracy']:.4f} loss {row['loss']:.4f}")
+    if row.get("perplexity") is not None:
+        parts.append(f"ppl {row['perplexity']:.2f}")
     if row["round"] > 0:
         train_loss = row.get("train_loss")
         if train_loss is not None and not math.isnan(train_loss):

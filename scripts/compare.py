@@ -6,6 +6,17 @@
 
 Runs that already finished with the same config are skipped; the report covers
 the finished runs. See msfusion_flwr/comparison.py for the matrix format.
+
+The report is about one metric of the global model, chosen by the matrix's
+top-level ``metric``: "accuracy" (default, higher is better), "perplexity"
+(language models) or "loss" (both lower is better); ``target = <number>`` is
+the value to reach for "rounds to reach" (>= for accuracy, <= otherwise;
+default 0.8 for accuracy, none otherwise). ``target-accuracy`` still works as
+accuracy's target (not with ``target``, nor with another metric). results.csv
+gets final_<metric>, best_<metric> and rounds_to_target, results.md the
+columns "final <metric>", "best <metric>" and "rounds to <metric> <=/>= target",
+and the plots are <metric>_vs_round.png, <metric>_vs_participant_flops.png and
+<metric>_vs_participant_bytes.png (perplexity on a log scale).
 """
 
 from __future__ import annotations

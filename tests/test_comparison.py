@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 
 import pytest
 
@@ -20,7 +22,7 @@ from msfusion_flwr.comparison import (
 from msfusion_flwr.config import ConfigError
 
 MATRIX = """
-target-accuracy = 0.3
+{head}
 [base]
 num-server-rounds = {rounds}
 data-fraction = 0.02
@@ -36,9 +38,9 @@ num-supernodes = [2]
 """
 
 
-def write_matrix(tmp_path, rounds=1, variants='["msfusion", "msfusion-no-round-shift"]', seeds="[0]", points=""):
+def write_matrix(tmp_path, rounds=1, variants='["msfusion", "msfusion-no-round-shift"]', seeds="[0]", points="", head="target-accuracy = 0.3"):
     path = tmp_path / "matrix.toml"
-    path.write_text(MATRIX.format(rounds=rounds, variants=variants, seeds=seeds, points=points))
+    path.write_text(MATRIX.format(rounds=rounds, variants=variants, seeds=seeds, points=points, head=head))
     return path
 
 
@@ -95,6 +97,118 @@ def test_summaries_and_table_from_hand_made_rows(tmp_path):
     table = markdown_table([summary, other], ["variant"], target=0.65)
     assert "0.7000 ± 0.1414" in table  # mean and sample std of 0.6 and 0.8
     assert "2.0 (1/2 reached)" in table
+    assert "| variant | seeds | final acc | best acc | rounds to 65% | FLOPs" in table  # accuracy header as before
+    assert "final_perplexity" not in summary  # classification rows (no perplexity key) add no column
+
+
+def lm_rows():
+    """A language-model run: perplexity falls from 1000 to 150 at round 2, then 180; round 1 not evaluated."""
+    ppl = {0: 1000.0, 2: 150.0, 3: 180.0}
+    accuracy = {0: 0.05, 2: 0.25, 3: 0.2}
+    rows = []
+    for t in range(4):
+        evaluated = t in ppl
+        rows.append({
+            "round": t, "accuracy": accuracy.get(t), "loss": math.log(ppl[t]) if evaluated else None,
+            "perplexity": ppl.get(t), "participants": [0, 1] if t else [], "bytes_down": 8, "bytes_up": 8,
+            "failures": [], "wall_s": 1.0, "elapsed_s": float(t), "flops_max": 5.0,
+            "cum_flops_per_participant_max": 5.0 * t, "cum_bytes_down_per_participant_max": 8.0 * t,
+            "cum_bytes_up_per_participant_max": 8.0 * t,
+        })
+    return rows
+
+
+def test_rounds_to_reach_honours_the_metric_direction():
+    """Accuracy reaches at >= target, perplexity and loss at <= target; unevaluated and old rows never reach."""
+    rows = lm_rows()
+    assert rounds_to_reach(rows, 0.2) == 2 and rounds_to_reach(rows, 0.25, "accuracy") == 2
+    assert rounds_to_reach(rows, 0.3, "accuracy") is None
+    assert rounds_to_reach(rows, 1000.0, "perplexity") == 0  # equality reaches
+    assert rounds_to_reach(rows, 200.0, "perplexity") == 2
+    assert rounds_to_reach(rows, 160.0, "perplexity") == 2
+    assert rounds_to_reach(rows, 149.0, "perplexity") is None
+    assert rounds_to_reach(rows, math.log(180.0), "loss") == 2
+    assert rounds_to_reach(rows, 5.0, "loss") is None
+    old = [{k: v for k, v in r.items() if k != "perplexity"} for r in rows]  # metrics.jsonl written before perplexity
+    assert rounds_to_reach(old, 1e9, "perplexity") is None
+    with pytest.raises(ValueError, match="bleu"):
+        rounds_to_reach(rows, 1.0, "bleu")
+
+
+def test_perplexity_summaries_and_table_from_hand_made_lm_rows(tmp_path):
+    """metric=perplexity: final/best (minimum) perplexity, rounds to perplexity <= target, and the table's columns."""
+    spec = expand(load_matrix(write_matrix(tmp_path, rounds=3, head='metric = "perplexity"\ntarget = 200')))[0]
+    summary = summarize_run(spec, lm_rows(), target=200.0, metric="perplexity")
+    assert summary["final_perplexity"] == 180.0 and summary["best_perplexity"] == 150.0
+    assert summary["rounds_to_target"] == 2
+    assert summary["final_accuracy"] == pytest.approx(0.2) and summary["final_loss"] == pytest.approx(math.log(180.0))
+    assert "best_accuracy" not in summary
+    columns = list(summary)
+    assert columns.index("final_perplexity") < columns.index("best_perplexity") < columns.index("rounds_to_target")
+    assert summarize_run(spec, lm_rows(), target=149.0, metric="perplexity")["rounds_to_target"] is None
+    assert summarize_run(spec, lm_rows(), target=None, metric="perplexity")["rounds_to_target"] is None
+    by_loss = summarize_run(spec, lm_rows(), target=5.5, metric="loss")
+    assert by_loss["best_loss"] == pytest.approx(math.log(150.0)) and by_loss["rounds_to_target"] == 2
+    assert by_loss["final_perplexity"] == 180.0
+
+    other = {**summary, "final_perplexity": 150.0, "best_perplexity": 120.0, "rounds_to_target": None}
+    table = markdown_table([summary, other], ["variant"], target=200.0, metric="perplexity")
+    header, _, row = table.splitlines()
+    assert "| final perplexity | best perplexity | rounds to perplexity <= 200 | FLOPs" in header
+    assert "| 165.00 ± 21.21 | 135.00 ± 21.21 | 2.0 (1/2 reached) |" in row  # 180 and 150; 150 and 120
+    assert "rounds to" not in markdown_table([summary], ["variant"], target=None, metric="perplexity")
+    accuracy_table = markdown_table([{**summary, "best_accuracy": 0.3}], ["variant"], target=0.25, metric="accuracy")
+    assert "rounds to 25%" in accuracy_table
+    assert "rounds to loss <= 5.5" in markdown_table([by_loss], ["variant"], target=5.5, metric="loss")
+
+
+def test_metric_and_target_keys_alias_and_one_line_errors(tmp_path):
+    """metric/target parse; target-accuracy is accuracy's target; misuse and unknown metrics are one-line MatrixErrors."""
+    def load(head):
+        return load_matrix(write_matrix(tmp_path, head=head))
+
+    default = load("")
+    assert (default.metric, default.target) == ("accuracy", 0.8)
+    assert (load("target-accuracy = 0.3").metric, load("target-accuracy = 0.3").target) == ("accuracy", 0.3)
+    assert load("target = 0.4").target == 0.4
+    lm = load('metric = "perplexity"\ntarget = 150')
+    assert (lm.metric, lm.target) == ("perplexity", 150.0)
+    assert load('metric = "loss"').target is None  # no default target for lower-is-better metrics
+    bad = {
+        'metric = "bleu"': "metric 'bleu'",
+        "metric = 3": "metric 3",
+        "target = 0.5\ntarget-accuracy = 0.5": "not both",
+        'metric = "perplexity"\ntarget-accuracy = 0.5': "target-accuracy is for metric accuracy",
+        'target = "high"': "target must be a number",
+    }
+    for head, message in bad.items():
+        with pytest.raises(MatrixError, match=message) as error:
+            load(head)
+        assert "\n" not in str(error.value)
+
+
+def test_perplexity_report_from_hand_made_runs(tmp_path):
+    """write_report with metric=perplexity: CSV/Markdown columns and perplexity_vs_*.png, from runs written by hand."""
+    from msfusion_flwr.config import resolve_config
+    from msfusion_flwr.reporting import CONFIG_FILE, METRICS_FILE
+
+    matrix = load_matrix(write_matrix(tmp_path, rounds=3, head='metric = "perplexity"\ntarget = 200'))
+    specs = expand(matrix)
+    results = tmp_path / "results"
+    for spec in specs:
+        out = spec.output_dir(results)
+        out.mkdir(parents=True)
+        (out / CONFIG_FILE).write_text(json.dumps({**resolve_config(spec.config), "output-dir": str(out)}))
+        (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lm_rows()))
+    paths = write_report(matrix, specs, results)
+    assert {p.name for p in paths} == {"results.csv", "results.md", "perplexity_vs_round.png",
+                                       "perplexity_vs_participant_flops.png", "perplexity_vs_participant_bytes.png"}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths if p.suffix == ".png")
+    with open(results / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["final_perplexity"]), float(r["best_perplexity"]), int(r["rounds_to_target"])) for r in rows] == [(180.0, 150.0, 2)] * 2
+    md = (results / "results.md").read_text()
+    assert "2 of 2 runs finished" in md and "rounds to perplexity <= 200" in md and "180.00 ± 0.00 | 150.00 ± 0.00" in md
 
 
 def test_short_harness_run_end_to_end_and_resumes(tmp_path):
