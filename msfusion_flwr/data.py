@@ -25,6 +25,12 @@ removed from what the partitioner splits, for every method, and
 :func:`load_server_set` returns them (FedDF distils on them without labels).
 With ``server-data-fraction = 0`` nothing is held out and the partitions are
 exactly those without the option.
+
+WikiText-2 (``dataset = "wikitext-2"``, causal language modelling) lives in
+:mod:`msfusion_flwr.text_data`; the functions here dispatch to it. Its
+examples are ``TensorDataset(x, y)`` of int64 token windows (N, ``seq_len``)
+with ``y`` the next tokens, and its partitioners are ``iid`` and
+``contiguous`` (runs of consecutive articles).
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ IDX_FILES = {
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 IN_CHANNELS = {"fashion-mnist": 1, "cifar10": 3, "cifar100": 3}
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "wikitext-2")
+TEXT_DATASETS = ("wikitext-2",)
+"""Language-modelling datasets (:mod:`msfusion_flwr.text_data`); the others are image classification."""
+PARTITIONERS = ("iid", "dirichlet", "pathological", "contiguous")
+"""``contiguous`` is for text only; ``dirichlet`` and ``pathological`` for images only."""
 
 
 class DataUnavailableError(RuntimeError):
@@ -69,6 +79,12 @@ class DataSettings:
     data_fraction: float = 1.0
     seed: int = 0
     server_fraction: float = 0.0
+    seq_len: int = 64
+    """Text: tokens per training/test sequence."""
+    train_split: str = "train"
+    """Text: the split participants train on, ``train`` or ``valid`` (the test split is always ``test``)."""
+    vocab_size: int = 0
+    """Text: vocabulary entries kept, special tokens included; 0 keeps every training word."""
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -207,7 +223,12 @@ def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.n
     """Training-example indices of every partition (rows of the training split).
 
     The server slice (``settings.server_fraction``) is never in any partition.
+    For text the indices are training-sequence numbers (:mod:`msfusion_flwr.text_data`).
     """
+    if settings.dataset in TEXT_DATASETS:
+        from . import text_data
+
+        return text_data.partition_indices(settings, num_partitions)
     if settings.dataset in HUB_DATASETS:
         return _hub_partition_indices(settings, num_partitions)
     from datasets import Dataset
@@ -224,9 +245,13 @@ def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.n
 
 
 def load_partition(settings: DataSettings, partition_id: int, num_partitions: int) -> TorchDataset:
-    """The training examples of one participant (augmented for CIFAR)."""
+    """The training examples of one participant (augmented for CIFAR; token windows for text)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    if settings.dataset in TEXT_DATASETS:
+        from . import text_data
+
+        return text_data.load_sequences(settings, partition_indices(settings, num_partitions)[partition_id])
     if settings.dataset in HUB_DATASETS:
         spec = HUB_DATASETS[settings.dataset]
         images, labels = load_hub_split(settings.dataset, settings.data_dir, "train")
@@ -239,6 +264,10 @@ def load_partition(settings: DataSettings, partition_id: int, num_partitions: in
 
 def load_test_set(settings: DataSettings) -> TensorDataset:
     """The held-out test set the server evaluates the global model on."""
+    if settings.dataset in TEXT_DATASETS:
+        from . import text_data
+
+        return text_data.load_test_set(settings)
     if settings.dataset in HUB_DATASETS:
         spec = HUB_DATASETS[settings.dataset]
         images, labels = load_hub_split(settings.dataset, settings.data_dir, "test")
@@ -252,8 +281,13 @@ def load_server_set(settings: DataSettings) -> TensorDataset:
 
     Images are normalised as the test set's; the labels are in the dataset
     (a ``TensorDataset`` of images and labels) but FedDF's distillation never
-    reads them. Empty when ``server_fraction == 0``.
+    reads them. Empty when ``server_fraction == 0``. For text: the held-out
+    training sequences (``TensorDataset(x, y)``).
     """
+    if settings.dataset in TEXT_DATASETS:
+        from . import text_data
+
+        return text_data.load_server_set(settings)
     if settings.dataset in HUB_DATASETS:
         spec = HUB_DATASETS[settings.dataset]
         images, labels = load_hub_split(settings.dataset, settings.data_dir, "train")
@@ -266,10 +300,20 @@ def load_server_set(settings: DataSettings) -> TensorDataset:
     return TensorDataset(normalize_images(images[idx]), labels[idx])
 
 
-def model_kwargs(dataset: str) -> dict[str, int]:
-    """The model constructor arguments a dataset fixes: ``num_classes`` and ``in_channels``."""
+def model_kwargs(settings: DataSettings) -> dict[str, int]:
+    """The model constructor arguments the data fixes.
+
+    Images: ``num_classes`` and ``in_channels``. Text: ``vocab_size`` (the
+    vocabulary's entries, special tokens included; this loads the training
+    text) and ``max_len`` (``settings.seq_len``).
+    """
+    dataset = settings.dataset
+    if dataset in TEXT_DATASETS:
+        from . import text_data
+
+        return {"vocab_size": text_data.vocabulary_size(settings), "max_len": settings.seq_len}
     if dataset not in NUM_CLASSES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(NUM_CLASSES)}")
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     return {"num_classes": NUM_CLASSES[dataset], "in_channels": IN_CHANNELS[dataset]}
 
 

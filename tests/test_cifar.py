@@ -315,11 +315,11 @@ def test_bad_data_dir_is_one_line_error(tmp_path, content):
 
 
 def test_model_kwargs():
-    assert model_kwargs("fashion-mnist") == {"num_classes": 10, "in_channels": 1}
-    assert model_kwargs("cifar10") == {"num_classes": 10, "in_channels": 3}
-    assert model_kwargs("cifar100") == {"num_classes": 100, "in_channels": 3}
+    assert model_kwargs(DataSettings(dataset="fashion-mnist")) == {"num_classes": 10, "in_channels": 1}
+    assert model_kwargs(DataSettings(dataset="cifar10")) == {"num_classes": 10, "in_channels": 3}
+    assert model_kwargs(DataSettings(dataset="cifar100")) == {"num_classes": 100, "in_channels": 3}
     with pytest.raises(ValueError):
-        model_kwargs("mnist")
+        model_kwargs(DataSettings(dataset="mnist"))
 
 
 def test_cifar100_preresnet18_runs_through_the_simulation_engine(hub_copies, tmp_path, monkeypatch):
