@@ -103,7 +103,7 @@ def make_strategy(
             spec,
             policy,
             budgets,
-            make_model=partial(build_model, str(config["model"]), **model_kwargs(str(config["dataset"]))),
+            make_model=partial(build_model, str(config["model"]), **model_kwargs(data_settings(config))),
             server_set=load_server_set(data_settings(config)) if server_set is None else server_set,
             distill=distill_settings(config),
             **options,
@@ -118,6 +118,7 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
         "round": server_round,
         "accuracy": metrics.get("accuracy"),
         "loss": metrics.get("loss"),
+        "perplexity": metrics.get("perplexity"),
         "participants": traffic.participants,
         "bytes_down": traffic.bytes_down,
         "bytes_up": traffic.bytes_up,
@@ -140,7 +141,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> Path:
     random.seed(seed)
     torch.manual_seed(seed)
     test_set = load_test_set(data_settings(config))
-    global_model = build_model(str(config["model"]), global_widths(config), **model_kwargs(str(config["dataset"])))
+    global_model = build_model(str(config["model"]), global_widths(config), **model_kwargs(data_settings(config)))
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(config, spec)
     meter: TrafficMeter = strategy.meter

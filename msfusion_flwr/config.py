@@ -12,9 +12,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .data import NUM_CLASSES, PARTITIONERS, DataSettings
+from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, DataSettings
 from .distillation import DistillSettings
 from .models import MODELS
+from .training import OPTIMIZERS
+
+TEXT_PARTITIONERS = ("iid", "contiguous")
+"""Partitioners for language-model text (the others split by class label)."""
 
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
@@ -46,6 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "learning-rate": 0.05,
     "momentum": 0.9,
     "weight-decay": 0.0005,
+    "optimizer": "sgd",
+    "seq-len": 64,
+    "train-split": "train",
+    "vocab-size": 0,
     "partitioner": "dirichlet",
     "dirichlet-alpha": 0.5,
     "classes-per-partition": 2,
@@ -132,7 +140,7 @@ def _overlap() -> tuple[Callable[[Any], bool], str]:
 INF = math.inf
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method": _choice(METHODS),
-    "dataset": _choice(tuple(NUM_CLASSES)),
+    "dataset": _choice(DATASETS),
     "model": _choice(tuple(MODELS)),
     "num-server-rounds": _integer(1),
     "fraction-train": _number(0.0, 1.0, True, False),
@@ -154,6 +162,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning-rate": _number(0.0, INF, True, True),
     "momentum": _number(0.0, 1.0, False, True),
     "weight-decay": _number(0.0, INF, False, True),
+    "optimizer": _choice(OPTIMIZERS),
+    "seq-len": _integer(2),
+    "train-split": _choice(("train", "valid")),
+    "vocab-size": _integer(0),
     "partitioner": _choice(PARTITIONERS),
     "dirichlet-alpha": _number(0.0, INF, True, True),
     "classes-per-partition": _integer(1),
@@ -192,8 +204,9 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'straggler-rate' plus dropout-rate must be below 1, got "
             f"{config['straggler-rate']} + {config['dropout-rate']}"
         )
-    num_classes = NUM_CLASSES[config["dataset"]]
-    if config["classes-per-partition"] > num_classes:
+    _check_model_and_data(config)
+    num_classes = NUM_CLASSES.get(config["dataset"], 0)
+    if num_classes and config["classes-per-partition"] > num_classes:
         raise ConfigError(
             f"config key 'classes-per-partition' must be at most {num_classes} for "
             f"{config['dataset']}, got {config['classes-per-partition']}"
@@ -208,6 +221,23 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     return config
 
 
+def _check_model_and_data(config: Mapping[str, Any]) -> None:
+    """The model must read the dataset's kind of input; text takes text partitioners; no FedDF on text."""
+    dataset, text = config["dataset"], config["dataset"] in TEXT_DATASETS
+    kind = MODELS[config["model"]].input_kind  # type: ignore[attr-defined]
+    if kind != ("text" if text else "image"):
+        fitting = [name for name, cls in MODELS.items() if cls.input_kind == ("text" if text else "image")]  # type: ignore[attr-defined]
+        raise ConfigError(f"config key 'model' must be one of {fitting} for dataset {dataset!r}, got {config['model']!r}")
+    allowed = TEXT_PARTITIONERS if text else tuple(p for p in PARTITIONERS if p != "contiguous")
+    if config["partitioner"] not in allowed:
+        raise ConfigError(f"config key 'partitioner' must be one of {list(allowed)} for dataset {dataset!r}, got {config['partitioner']!r}")
+    if text and config["method"] == "feddf":
+        raise ConfigError(
+            f"config key 'method' cannot be 'feddf' for dataset {dataset!r}: its teacher is a vocabulary-sized "
+            "distribution per token of every server sequence (see README)"
+        )
+
+
 def data_settings(config: Mapping[str, Any]) -> DataSettings:
     """The data view of a resolved config."""
     return DataSettings(
@@ -219,6 +249,9 @@ def data_settings(config: Mapping[str, Any]) -> DataSettings:
         data_fraction=float(config["data-fraction"]),
         seed=int(config["seed"]),
         server_fraction=float(config["server-data-fraction"]),
+        seq_len=int(config["seq-len"]),
+        train_split=str(config["train-split"]),
+        vocab_size=int(config["vocab-size"]),
     )
 
 

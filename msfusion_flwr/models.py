@@ -6,9 +6,14 @@ Every model here
   ratio) so that a participant builds a real narrow instance of the same
   architecture, whose state dict has exactly the sliced tensors' shapes;
 * exposes ``features(x)`` (the representation used by the contrastive loss)
-  and ``classify(z)``; ``forward = classify(features(x))``;
-* declares its width groups in ``width_group_decls()`` and names the group that
-  indexes its representation in ``feature_group``.
+  and ``outputs(x) -> (logits, features)`` (one pass for training);
+  ``forward(x)`` returns the logits;
+* declares its width groups in ``width_group_decls()``, names the group that
+  indexes its representation in ``feature_group`` (``feature_unit`` channels
+  per group unit) and its kind of input in ``input_kind`` (``"image"`` or
+  ``"text"``); ``eval_batch_size`` is its server-side evaluation batch.
+
+The language models live in :mod:`msfusion_flwr.language_models`.
 
 Sliced training needs normalisation that does not depend on the width the
 global model is evaluated at: BatchNorm uses batch statistics (no running
@@ -22,26 +27,11 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from .language_models import GPT2LM, TransformerLM
+from .layers import Scaler
 from .splitting import GroupDecl
 
-
-class Scaler(nn.Module):
-    """Divide activations by the sub-model's width ratio while training (HeteroFL).
-
-    A width-``r`` slice sums over ``r`` times fewer inputs than the full model;
-    scaling by ``1/r`` in training keeps the next layer's pre-activations at
-    the scale the full model sees at evaluation, where the scaler is identity.
-    """
-
-    def __init__(self, rate: float) -> None:
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x / self.rate if self.training else x
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate}"
+__all__ = ["MODELS", "FashionCNN", "GPT2LM", "PreResNet18", "Scaler", "TransformerLM", "build_model", "model_class"]
 
 
 def _conv_block(cin: int, cout: int, rate: float, stride: int = 1) -> list[nn.Module]:
@@ -53,7 +43,29 @@ def _conv_block(cin: int, cout: int, rate: float, stride: int = 1) -> list[nn.Mo
     ]
 
 
-class FashionCNN(nn.Module):
+class ImageClassifier(nn.Module):
+    """Shared protocol of the image models: ``forward = classify(features(x))``."""
+
+    input_kind = "image"
+    feature_unit = 1
+    eval_batch_size = 1000
+    """Evaluation batch; BatchNorm uses batch statistics, so it is fixed for comparable figures."""
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def classify(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.features(x)
+        return self.classify(z), z
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.features(x))
+
+
+class FashionCNN(ImageClassifier):
     """Three 3x3 conv blocks (the first with stride 2) and a hidden linear layer for 28x28 images.
 
     Width groups: ``conv1``, ``conv2``, ``conv3`` (channels) and ``fc`` (hidden
@@ -96,9 +108,6 @@ class FashionCNN(nn.Module):
     def classify(self, z: Tensor) -> Tensor:
         return self.head(self.head_scaler(z))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
-
 
 class PreActBlock(nn.Module):
     """Pre-activation basic block (HeteroFL's ``Block``): BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus shortcut.
@@ -125,7 +134,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreResNet18(nn.Module):
+class PreResNet18(ImageClassifier):
     """HeteroFL/FedRolex pre-activation ResNet-18 for 32x32 images.
 
     conv3x3 stem -> four stages of two :class:`PreActBlock` (hidden sizes 64,
@@ -210,11 +219,13 @@ class PreResNet18(nn.Module):
     def classify(self, z: Tensor) -> Tensor:
         return self.head(self.head_scaler(z))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x))
 
-
-MODELS: dict[str, type[nn.Module]] = {"cnn": FashionCNN, "preresnet18": PreResNet18}
+MODELS: dict[str, type[nn.Module]] = {
+    "cnn": FashionCNN,
+    "preresnet18": PreResNet18,
+    "transformer": TransformerLM,
+    "gpt2": GPT2LM,
+}
 
 
 def model_class(name: str) -> type[nn.Module]:

@@ -22,7 +22,7 @@ from .config import data_settings
 from .data import load_partition, model_kwargs
 from .models import build_model, model_class
 from .protocol import ARRAYS, CONFIG, METRICS, PLAN, decode_plan, encode_plan
-from .splitting import plan_widths
+from .splitting import Axis, axis_positions, plan_widths
 from .training import Representation, TrainSettings, train_local
 
 PREVIOUS_ARRAYS = "msfusion.previous-arrays"
@@ -55,6 +55,7 @@ def train_settings(config: Mapping[str, Any], seed: int) -> TrainSettings:
         weight_decay=float(config["weight-decay"]),
         contrastive_weight=float(config["contrastive-weight"]),
         contrastive_temperature=float(config["contrastive-temperature"]),
+        optimizer=str(config["optimizer"]),
         seed=seed,
     )
 
@@ -67,9 +68,15 @@ def _received_plan(content: RecordDict, model_name: str) -> tuple[dict[str, torc
     return {name: torch.arange(k) for name, k in widths.items()}, widths
 
 
-def _previous_representation(
-    state: RecordDict, make_model: Callable[..., torch.nn.Module], feature_group: str
-) -> Representation | None:
+def representation(model: torch.nn.Module, plan: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> Representation:
+    """``model``'s features placed in the global feature space: its feature group's units
+    times ``feature_unit`` channels each (e.g. GPT-2's residual width counts heads)."""
+    group, unit = model.feature_group, model.feature_unit  # type: ignore[attr-defined]
+    index = axis_positions(Axis("features", 1, unit), widths[group], plan[group])
+    return Representation(model, index, widths[group] * unit)
+
+
+def _previous_representation(state: RecordDict, make_model: Callable[..., torch.nn.Module]) -> Representation | None:
     """The participant's sub-model of its previous round, if it kept one."""
     if PREVIOUS_ARRAYS not in state.array_records:
         return None
@@ -79,7 +86,7 @@ def _previous_representation(
     model.load_state_dict(state.array_records[PREVIOUS_ARRAYS].to_torch_state_dict())
     for p in model.parameters():
         p.requires_grad_(False)
-    return Representation(model, plan[feature_group], widths[feature_group])
+    return representation(model, plan, widths)
 
 
 def _keep_as_previous(state: RecordDict, model: torch.nn.Module, plan: Mapping[str, torch.Tensor], widths: Mapping[str, int], rate: float) -> None:
@@ -149,21 +156,20 @@ def train(message: Message, context: Context) -> Message:
     rate = float(config.get("split-rate", 1.0))  # type: ignore[arg-type]
     simulate_faults(config, server_round, partition_id)
     model_name = str(config["model"])
-    make_model = partial(build_model, model_name, **model_kwargs(str(config["dataset"])))
+    settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
+    make_model = partial(build_model, model_name, **model_kwargs(settings))
 
     plan, full_widths = _received_plan(content, model_name)
     model = make_model(plan_widths(plan), rate)
     model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
 
-    settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
     dataset = load_partition(settings, partition_id, num_partitions)
     local = train_settings(config, training_seed(settings.seed, server_round, partition_id))
-    feature_group = model.feature_group  # type: ignore[attr-defined]
-    current = Representation(model, plan[feature_group], full_widths[feature_group])
+    current = representation(model, plan, full_widths)
     previous = None
     if local.contrastive_weight > 0:
         _restore_previous(context.state, config, partition_id, server_round)
-        previous = _previous_representation(context.state, make_model, feature_group)
+        previous = _previous_representation(context.state, make_model)
 
     metrics = train_local(model, dataset, local, current, previous)
     if local.contrastive_weight > 0:

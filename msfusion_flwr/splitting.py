@@ -19,7 +19,7 @@ lists automatically; the engine would not change.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,9 @@ class GroupDecl:
     ``outputs`` are the modules whose output features are the group's units
     (a Linear's rows, a norm layer's channels), ``inputs`` the modules that
     consume them (the next Linear's columns). ``unit`` and ``blocks`` are as in
-    :class:`Axis`.
+    :class:`Axis`; ``blocks_of`` overrides ``blocks`` for single modules, such
+    as a fused q/k/v projection (3 blocks) whose heads the out-projection
+    consumes unstacked (1 block).
     """
 
     name: str
@@ -68,6 +70,7 @@ class GroupDecl:
     inputs: tuple[str, ...] = ()
     unit: int = 1
     blocks: int = 1
+    blocks_of: Mapping[str, int] = field(default_factory=dict)
 
 
 AxisRule = Callable[[nn.Module], list[tuple[str, int]]]
@@ -135,9 +138,10 @@ def resolve_groups(model: nn.Module, decls: Sequence[GroupDecl]) -> list[WidthGr
         for side, rules in ((decl.outputs, OUTPUT_RULES), (decl.inputs, INPUT_RULES)):
             for mod_name in side:
                 module = modules[mod_name]
+                blocks = decl.blocks_of.get(mod_name, decl.blocks)
                 for local, dim in _rule_for(rules, module)(module):
                     key = f"{mod_name}.{local}" if mod_name else local
-                    axes.append(Axis(key, dim, decl.unit, decl.blocks))
+                    axes.append(Axis(key, dim, decl.unit, blocks))
         first = axes[0]
         width = state[first.tensor].shape[first.dim] // (first.unit * first.blocks)
         groups.append(WidthGroup(decl.name, width, tuple(axes)))

@@ -1,6 +1,7 @@
 """Local training with MSfusion's contrastive loss, and evaluation.
 
-Local objective: ``CE + mu * l_con`` with
+Local objective: ``CE + mu * l_con`` (CE over classes for images, over the
+next token at every position for language models) with
 
     l_con = -log( exp(cos(z, z_g)/tau) / (exp(cos(z, z_g)/tau) + exp(cos(z, z_p)/tau)) )
 
@@ -15,6 +16,7 @@ cosine is taken. With no previous sub-model, ``l_con = 0``.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 EVAL_BATCH_SIZE = 1000
-"""Batch size of server-side evaluation (BatchNorm uses batch statistics)."""
+"""Default batch size of server-side evaluation; models may set ``eval_batch_size``."""
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     contrastive_weight: float = 1.0
     contrastive_temperature: float = 0.5
+    optimizer: str = "sgd"
     seed: int = 0
 
 
@@ -74,6 +78,20 @@ def contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, temperature: f
     negative = F.cosine_similarity(z, z_prev, dim=1) / temperature
     logits = torch.stack([positive, negative], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long))
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of (..., C) logits against (...) targets: one class per image or per token."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """SGD with momentum (``momentum`` key) or Adam, fresh every round, with ``weight_decay``."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=settings.learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -190,12 +208,7 @@ def train_local(
         shuffle=True,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.learning_rate,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
+    optimizer = make_optimizer(model, settings)
     use_contrastive = settings.contrastive_weight > 0 and previous is not None
     received = Representation(frozen_copy(model), current.feature_index, current.width)
     models = [model, received.model] + ([previous.model] if use_contrastive else [])  # type: ignore[union-attr]
@@ -203,8 +216,8 @@ def train_local(
     totals = {"ce": 0.0, "con": 0.0}
 
     def step(x: Tensor, y: Tensor) -> None:
-        z = model.features(x)  # type: ignore[operator]
-        ce = F.cross_entropy(model.classify(z), y)  # type: ignore[operator]
+        logits, z = model.outputs(x)  # type: ignore[operator]
+        ce = token_cross_entropy(logits, y)
         loss = ce
         if use_contrastive:
             with torch.no_grad():
@@ -246,13 +259,24 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``dataset``."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset``, per target.
+
+    Targets are classes (one per image) or next tokens (one per sequence
+    position); for token targets the result adds ``perplexity = exp(loss)``,
+    the exponential of the mean token negative log-likelihood. The batch size
+    defaults to the model's ``eval_batch_size``.
+    """
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+    size = batch_size or getattr(model, "eval_batch_size", EVAL_BATCH_SIZE)
+    loss_sum, correct, count, tokens = 0.0, 0, 0, False
+    for x, y in DataLoader(dataset, batch_size=size):
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-        count += len(y)
-    return {"loss": loss_sum / count, "accuracy": correct / count}
+        loss_sum += token_cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(-1) == y).sum())
+        count += y.numel()
+        tokens = y.dim() > 1
+    metrics = {"loss": loss_sum / count, "accuracy": correct / count}
+    if tokens:
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    return metrics

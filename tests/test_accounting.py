@@ -13,14 +13,14 @@ from torch.utils.data import TensorDataset
 from msfusion_flwr.apps import make_strategy
 from msfusion_flwr.config import resolve_config
 from msfusion_flwr.loopback import LoopbackGrid
-from msfusion_flwr.models import build_model
+from msfusion_flwr.models import ImageClassifier, build_model
 from msfusion_flwr.protocol import ARRAYS, PLAN, client_config, decode_plan
 from msfusion_flwr.reporting import CumulativeCosts, summarize_costs
 from msfusion_flwr.splitting import SplitSpec, slice_state
 from msfusion_flwr.training import PeakTensorMemory, Representation, TrainSettings, resident_tensors, train_local
 
 
-class TwoLayer(nn.Module):
+class TwoLayer(ImageClassifier):
     """in -> hidden (features) -> classes, no bias: FLOPs are two matmuls."""
 
     def __init__(self, d_in: int, hidden: int, classes: int) -> None:

@@ -39,6 +39,10 @@ BAD_VALUES: dict[str, list[object]] = {
     "learning-rate": [0, 0.0, -0.05, INF, NAN, True, "0.05"],
     "momentum": [1.0, 1, -0.1, 1.5, NAN, True, "0.9"],
     "weight-decay": [-0.0005, -1, INF, NAN, True, "0"],
+    "optimizer": ["Adam", "adamw", "", 0, None],
+    "seq-len": [1, 0, -64, 64.0, "64", True, None],
+    "train-split": ["test", "validation", "", 0, None],
+    "vocab-size": [-1, 1.5, "0", True, None],
     "partitioner": ["shard", "Dirichlet", "", 0, None],
     "dirichlet-alpha": [0, 0.0, -0.5, INF, NAN, True, "0.5"],
     "classes-per-partition": [0, -1, 11, 100, 2.0, True, "2"],
@@ -249,3 +253,28 @@ def test_resume_needs_an_output_dir():
         resolve_config({"resume": True})
     assert "'resume'" in str(info.value) and "\n" not in str(info.value)
     assert resolve_config({"resume": True, "output-dir": "out"})["resume"] is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        ({"dataset": "wikitext-2"}, "model", "'transformer'"),  # default model is the CNN
+        ({"model": "gpt2"}, "model", "'cnn'"),  # default dataset is Fashion-MNIST
+        ({"dataset": "wikitext-2", "model": "transformer"}, "partitioner", "'contiguous'"),  # default is dirichlet
+        ({"partitioner": "contiguous"}, "partitioner", "'pathological'"),
+        ({"dataset": "wikitext-2", "model": "gpt2", "partitioner": "iid", "method": "feddf", "server-data-fraction": 0.05}, "method", "feddf"),
+    ],
+)
+def test_model_dataset_and_partitioner_must_fit_together(overrides, key, fragment):
+    """A text model on images, an image model on text, label partitioners on text, FedDF on text: one line naming the key."""
+    with pytest.raises(ConfigError) as info:
+        resolve_config(overrides)
+    message = str(info.value)
+    assert "\n" not in message and f"'{key}'" in message and fragment in message
+
+
+def test_language_model_configs_resolve():
+    for model in ("transformer", "gpt2"):
+        for partitioner in ("iid", "contiguous"):
+            config = resolve_config({"dataset": "wikitext-2", "model": model, "partitioner": partitioner, "optimizer": "adam"})
+            assert config["seq-len"] == 64 and config["train-split"] == "train"
