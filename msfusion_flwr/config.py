@@ -222,7 +222,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
 
 
 def _check_model_and_data(config: Mapping[str, Any]) -> None:
-    """The model must read the dataset's kind of input; text takes text partitioners; no FedDF on text."""
+    """The model must read the dataset's kind of input; text takes text partitioners."""
     dataset, text = config["dataset"], config["dataset"] in TEXT_DATASETS
     kind = MODELS[config["model"]].input_kind  # type: ignore[attr-defined]
     if kind != ("text" if text else "image"):
@@ -231,11 +231,6 @@ def _check_model_and_data(config: Mapping[str, Any]) -> None:
     allowed = TEXT_PARTITIONERS if text else tuple(p for p in PARTITIONERS if p != "contiguous")
     if config["partitioner"] not in allowed:
         raise ConfigError(f"config key 'partitioner' must be one of {list(allowed)} for dataset {dataset!r}, got {config['partitioner']!r}")
-    if text and config["method"] == "feddf":
-        raise ConfigError(
-            f"config key 'method' cannot be 'feddf' for dataset {dataset!r}: its teacher is a vocabulary-sized "
-            "distribution per token of every server sequence (see README)"
-        )
 
 
 def data_settings(config: Mapping[str, Any]) -> DataSettings:

@@ -68,12 +68,14 @@ def teacher_mode(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def model_logits(model: nn.Module, inputs: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
-    """``model``'s logits on ``inputs``, in chunks of ``batch_size`` (in the model's current mode)."""
-    return torch.cat([model(chunk) for chunk in inputs.split(batch_size)])
+def model_logits(model: nn.Module, inputs: Tensor, batch_size: int | None = None) -> Tensor:
+    """``model``'s logits on ``inputs``, in chunks of ``batch_size`` (default: the model's
+    ``eval_batch_size``), in the model's current mode."""
+    size = batch_size or getattr(model, "eval_batch_size", EVAL_BATCH_SIZE)
+    return torch.cat([model(chunk) for chunk in inputs.split(size)])
 
 
-def ensemble_logits(teachers: Sequence[nn.Module], inputs: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+def ensemble_logits(teachers: Sequence[nn.Module], inputs: Tensor, batch_size: int | None = None) -> Tensor:
     """AVGLOGITS: the uniform mean of the teachers' logits (each in :func:`teacher_mode`)."""
     if not teachers:
         raise ValueError("ensemble of no teachers")
@@ -82,9 +84,10 @@ def ensemble_logits(teachers: Sequence[nn.Module], inputs: Tensor, batch_size: i
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 KL(softmax(t/T) || softmax(s/T))``, mean over the batch."""
-    log_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    """``T^2 KL(softmax(t/T) || softmax(s/T))``, mean over predictions (one per image, or per token of a sequence)."""
+    classes = student_logits.shape[-1]
+    log_s = F.log_softmax(student_logits.reshape(-1, classes) / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 

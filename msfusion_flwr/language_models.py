@@ -199,13 +199,13 @@ def register_transformers_rules() -> None:
 
 
 class _ScaleOutput:
-    """Forward hook: the HeteroFL scaler on a module's output, while training."""
+    """Forward hook applying a :class:`Scaler` module to a module's output."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
+    def __init__(self, scaler: Scaler) -> None:
+        self.scaler = scaler
 
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        return output / self.rate if module.training else output
+        return self.scaler(output)
 
 
 class GPT2LM(nn.Module):
@@ -258,7 +258,8 @@ class GPT2LM(nn.Module):
             eos_token_id=None,
         )
         self.model = GPT2LMHeadModel(config)
-        scale = _ScaleOutput(rate)
+        self.scaler = Scaler(rate)  # a submodule, so train()/eval() switch it like the other models' scalers
+        scale = _ScaleOutput(self.scaler)
         for i in range(NUM_LAYERS):
             block = self.model.transformer.h[i]
             for projection in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):

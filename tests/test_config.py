@@ -262,11 +262,10 @@ def test_resume_needs_an_output_dir():
         ({"model": "gpt2"}, "model", "'cnn'"),  # default dataset is Fashion-MNIST
         ({"dataset": "wikitext-2", "model": "transformer"}, "partitioner", "'contiguous'"),  # default is dirichlet
         ({"partitioner": "contiguous"}, "partitioner", "'pathological'"),
-        ({"dataset": "wikitext-2", "model": "gpt2", "partitioner": "iid", "method": "feddf", "server-data-fraction": 0.05}, "method", "feddf"),
     ],
 )
 def test_model_dataset_and_partitioner_must_fit_together(overrides, key, fragment):
-    """A text model on images, an image model on text, label partitioners on text, FedDF on text: one line naming the key."""
+    """A text model on images, an image model on text, label partitioners on text: one line naming the key."""
     with pytest.raises(ConfigError) as info:
         resolve_config(overrides)
     message = str(info.value)
