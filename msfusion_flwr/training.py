@@ -218,6 +218,7 @@ def train_local(
     def step(x: Tensor, y: Tensor) -> None:
         logits, z = model.outputs(x)  # type: ignore[operator]
         ce = token_cross_entropy(logits, y)
+        del logits  # backward needs the log-softmax, not the logits: free them before the backward pass
         loss = ce
         if use_contrastive:
             with torch.no_grad():
