@@ -15,10 +15,8 @@ from typing import Any
 from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, DataSettings
 from .distillation import DistillSettings
 from .models import MODELS
+from .text_data import TEXT_PARTITIONERS
 from .training import OPTIMIZERS
-
-TEXT_PARTITIONERS = ("iid", "contiguous")
-"""Partitioners for language-model text (the others split by class label)."""
 
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
@@ -165,7 +163,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": _choice(OPTIMIZERS),
     "seq-len": _integer(2),
     "train-split": _choice(("train", "valid")),
-    "vocab-size": _integer(0),
+    "vocab-size": (lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (every word) or an integer >= 2"),
     "partitioner": _choice(PARTITIONERS),
     "dirichlet-alpha": _number(0.0, INF, True, True),
     "classes-per-partition": _integer(1),

@@ -6,8 +6,9 @@ distillation: starting from the averaged model, the server trains the fused
 on unlabeled data it holds. Here:
 
 * **teacher** = the uniform average of the participants' *logits* (FedDF's
-  AVGLOGITS), computed once per round on the whole server set, in chunks of
-  :data:`~msfusion_flwr.training.EVAL_BATCH_SIZE`; every participant's model
+  AVGLOGITS; for a language model, at every token position), computed once
+  per round on the whole server set, in chunks of the model's
+  ``eval_batch_size``; every participant's model
   is its own narrow architecture run as it was trained (:func:`teacher_mode`);
 * **student** = the fused full model, trained with Adam (fresh every round,
   no weight decay, constant learning rate) for ``steps`` steps on batches of

@@ -42,7 +42,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "optimizer": ["Adam", "adamw", "", 0, None],
     "seq-len": [1, 0, -64, 64.0, "64", True, None],
     "train-split": ["test", "validation", "", 0, None],
-    "vocab-size": [-1, 1.5, "0", True, None],
+    "vocab-size": [-1, 1, 1.5, "0", True, None],
     "partitioner": ["shard", "Dirichlet", "", 0, None],
     "dirichlet-alpha": [0, 0.0, -0.5, INF, NAN, True, "0.5"],
     "classes-per-partition": [0, -1, 11, 100, 2.0, True, "2"],
