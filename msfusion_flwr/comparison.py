@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, resolve_config
+from .config import DEFAULTS, METHODS, resolve_config
 from .reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
@@ -181,7 +181,11 @@ def select(specs: Sequence[RunSpec], only: Iterable[str]) -> list[RunSpec]:
 
 
 def is_complete(spec: RunSpec, results_dir: Path) -> bool:
-    """Whether the run already finished with this exact config."""
+    """Whether the run already finished with this exact config.
+
+    A key the stored config lacks (one added to the app after the run) counts
+    as its default, so a new key left at its default keeps finished runs.
+    """
     out = spec.output_dir(results_dir)
     try:
         stored = json.loads((out / CONFIG_FILE).read_text())
@@ -189,6 +193,7 @@ def is_complete(spec: RunSpec, results_dir: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     expected = resolve_config(spec.config)
+    stored = {**DEFAULTS, **stored}
     same = {k: v for k, v in stored.items() if k != "output-dir"} == {k: v for k, v in expected.items() if k != "output-dir"}
     return same and bool(rows) and rows[-1]["round"] == expected["num-server-rounds"]
 

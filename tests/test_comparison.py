@@ -11,6 +11,7 @@ import pytest
 from msfusion_flwr.comparison import (
     MatrixError,
     expand,
+    is_complete,
     load_matrix,
     markdown_table,
     rounds_to_reach,
@@ -219,6 +220,13 @@ def test_short_harness_run_end_to_end_and_resumes(tmp_path):
     ran = run_matrix(specs, results)
     assert [s.run_id for s in ran] == [s.run_id for s in specs]
     assert run_matrix(specs, results) == []  # resumable: finished runs are skipped
+    first = specs[0].output_dir(results) / "config.json"
+    stored = json.loads(first.read_text())
+    first.write_text(json.dumps({k: v for k, v in stored.items() if k != "vocab-size"}))  # a run from before the key
+    assert is_complete(specs[0], results)
+    first.write_text(json.dumps({**stored, "learning-rate": 0.5}))  # a run with another config
+    assert not is_complete(specs[0], results)
+    first.write_text(json.dumps(stored))
     paths = write_report(matrix, specs, results)
     assert {p.name for p in paths} >= {"results.csv", "results.md", "accuracy_vs_round.png",
                                         "accuracy_vs_participant_flops.png", "accuracy_vs_participant_bytes.png"}
