@@ -16,7 +16,6 @@ from pathlib import Path
 
 import datasets
 import flwr_datasets
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -281,13 +280,8 @@ def test_random_crop_flip_is_a_padded_crop_or_its_mirror():
     assert 0 < flips < len(images)
 
 
-def test_unreachable_hub_without_data_dir_is_one_line_error(monkeypatch, tmp_path):
+def test_unreachable_hub_without_data_dir_is_one_line_error(offline_hub, monkeypatch, tmp_path):
     """No data-dir and no Hub (offline, nothing cached): one-line DataUnavailableError naming the Hub id."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     for dataset in HUB_DATASETS:
         settings = DataSettings(dataset=dataset)
         for load in (lambda: load_test_set(settings), lambda: load_partition(settings, 0, 2)):

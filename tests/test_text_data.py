@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -358,13 +357,8 @@ def test_hub_path_on_local_copy_matches_txt_path(tmp_path, monkeypatch):
     assert all(np.array_equal(a, b) for a, b in zip(partition_indices(s, 3), partition_indices(settings(txt), 3)))
 
 
-def test_unreachable_hub_is_one_line_error_naming_data_dir(monkeypatch, tmp_path):
+def test_unreachable_hub_is_one_line_error_naming_data_dir(offline_hub, monkeypatch, tmp_path):
     """No data-dir and no Hub (offline, nothing cached): one-line error that says to set data-dir."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(td, "HUB_CACHE_DIR", str(tmp_path / "hf-cache"))
     message = error_of(settings(""))
     assert td.HUB_ID in message and "data-dir" in message
