@@ -410,6 +410,16 @@ PLOTS = {
 """Plot name (after ``<metric>_``) -> x-axis label and x of a row."""
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def curve_styles(variants: Sequence[str]) -> dict[str, dict[str, str]]:
+    """A distinct (colour, line style) per variant: tab10's ten colours, then the same colours dashed, dotted, ..."""
+    return {
+        v: {"color": f"C{i % 10}", "linestyle": LINE_STYLES[(i // 10) % len(LINE_STYLES)]} for i, v in enumerate(variants)
+    }
+
+
 def plot_curves(
     results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]], group_axes: Sequence[str], metric: str = "accuracy"
 ) -> list[Path]:
@@ -429,6 +439,7 @@ def plot_curves(
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for spec, rows in loaded:
         groups[_group_key(spec.labels, other_axes)][spec.variant].append((spec, rows))
+    styles = curve_styles(list(dict.fromkeys(spec.variant for spec, _ in loaded)))
     paths = []
     for key, variants in groups.items():
         suffix = "".join(f"__{_slug(a)}={_slug(v)}" for a, v in key)
@@ -436,10 +447,16 @@ def plot_curves(
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for variant, runs in variants.items():
                 xs, means, stds = _curves(runs, x_of, metric)
-                ax.plot(xs, means, label=variant)
-                ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+                if name != "vs_round":  # a log cost axis; round 0 (no cost yet) has no place on it
+                    kept = [i for i, x in enumerate(xs) if x > 0]
+                    xs, means, stds = ([seq[i] for i in kept] for seq in (xs, means, stds))
+                ax.plot(xs, means, label=variant, **styles[variant])
+                ax.fill_between(
+                    xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                    alpha=0.15, color=styles[variant]["color"],
+                )
             if name != "vs_round":
-                ax.set_xscale("symlog")
+                ax.set_xscale("log")
             if metric == "perplexity":
                 ax.set_yscale("log")
             title = ", ".join(f"{a}={v}" for a, v in key) or "all runs"

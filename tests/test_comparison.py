@@ -10,6 +10,7 @@ import pytest
 
 from msfusion_flwr.comparison import (
     MatrixError,
+    curve_styles,
     expand,
     is_complete,
     load_matrix,
@@ -251,3 +252,11 @@ def test_every_preset_in_conf_is_valid():
             assert expand(load_matrix(path))
         else:
             resolve_config(tomllib.loads(path.read_text()))
+
+
+def test_curve_styles_tell_twelve_variants_apart():
+    """The Fashion-MNIST matrix plots 12 variants: no two may share colour and line style (tab10 has 10 colours)."""
+    variants = [f"v{i}" for i in range(12)]
+    styles = curve_styles(variants)
+    assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == 12
+    assert styles["v0"] == {"color": "C0", "linestyle": "-"} and styles["v10"]["linestyle"] != "-"
