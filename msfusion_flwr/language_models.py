@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Scaler
+from .layers import Scaler, classifier_scaler
 from .splitting import INPUT_RULES, OUTPUT_RULES, GroupDecl
 
 HEAD_DIM = 32
@@ -130,7 +130,12 @@ class TransformerLM(nn.Module):
     eval_batch_size = LM_EVAL_BATCH_SIZE
 
     def __init__(
-        self, widths: Mapping[str, int] | None = None, rate: float = 1.0, vocab_size: int = 2, max_len: int = 64
+        self,
+        widths: Mapping[str, int] | None = None,
+        rate: float = 1.0,
+        vocab_size: int = 2,
+        max_len: int = 64,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
@@ -141,7 +146,7 @@ class TransformerLM(nn.Module):
             DecoderBlock(embed, w[f"layers.{i}.heads"], w[f"layers.{i}.ffn"], rate) for i in range(NUM_LAYERS)
         )
         self.norm = nn.LayerNorm(embed)
-        self.head_scaler = Scaler(rate)
+        self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.head = nn.Linear(embed, vocab_size)
         self.apply(_init_gpt_style)
 
@@ -228,7 +233,12 @@ class GPT2LM(nn.Module):
     eval_batch_size = LM_EVAL_BATCH_SIZE
 
     def __init__(
-        self, widths: Mapping[str, int] | None = None, rate: float = 1.0, vocab_size: int = 2, max_len: int = 64
+        self,
+        widths: Mapping[str, int] | None = None,
+        rate: float = 1.0,
+        vocab_size: int = 2,
+        max_len: int = 64,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -264,7 +274,8 @@ class GPT2LM(nn.Module):
             block = self.model.transformer.h[i]
             for projection in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
                 projection.register_forward_hook(scale)
-        self.model.lm_head.register_forward_hook(scale)
+        self.head_scaler = classifier_scaler(rate, classifier_scaling)
+        self.model.lm_head.register_forward_hook(_ScaleOutput(self.head_scaler))
 
     def width_group_decls(self) -> list[GroupDecl]:
         t = "model.transformer"

@@ -22,3 +22,15 @@ class Scaler(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
+
+
+def classifier_scaler(rate: float, enabled: bool) -> Scaler:
+    """The Scaler on the classifier's input: ``rate`` when enabled, else identity (rate 1).
+
+    It keeps the full model's logits at the scale a slice trained them at, but
+    it also multiplies the slice's logits and the head's effective learning rate
+    by 1/r and 1/r²; at r = 1/16 a slice then no longer learns at all (README,
+    Results). ``classifier-scaler = false`` turns it off; the hidden layers'
+    Scalers stay.
+    """
+    return Scaler(rate if enabled else 1.0)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from .language_models import GPT2LM, TransformerLM
-from .layers import Scaler
+from .layers import Scaler, classifier_scaler
 from .splitting import GroupDecl
 
 __all__ = ["MODELS", "FashionCNN", "GPT2LM", "PreResNet18", "Scaler", "TransformerLM", "build_model", "model_class"]
@@ -81,6 +81,7 @@ class FashionCNN(ImageClassifier):
         rate: float = 1.0,
         num_classes: int = 10,
         in_channels: int = 1,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
@@ -90,7 +91,7 @@ class FashionCNN(ImageClassifier):
         self.fc = nn.Linear(w["conv3"], w["fc"])
         self.fc_scaler = Scaler(rate)
         self.fc_norm = nn.BatchNorm1d(w["fc"], track_running_stats=False)
-        self.head_scaler = Scaler(rate)
+        self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.head = nn.Linear(w["fc"], num_classes)
 
     def width_group_decls(self) -> list[GroupDecl]:
@@ -167,6 +168,7 @@ class PreResNet18(ImageClassifier):
         rate: float = 1.0,
         num_classes: int = 10,
         in_channels: int = 3,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
@@ -182,7 +184,7 @@ class PreResNet18(ImageClassifier):
             stream = stage
         self.scaler = Scaler(rate)
         self.n4 = nn.BatchNorm2d(w[stream], track_running_stats=False)
-        self.head_scaler = Scaler(rate)
+        self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.head = nn.Linear(w[stream], num_classes)
 
     def width_group_decls(self) -> list[GroupDecl]:

@@ -157,7 +157,9 @@ def train(message: Message, context: Context) -> Message:
     simulate_faults(config, server_round, partition_id)
     model_name = str(config["model"])
     settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
-    make_model = partial(build_model, model_name, **model_kwargs(settings))
+    make_model = partial(
+        build_model, model_name, classifier_scaling=bool(config["classifier-scaler"]), **model_kwargs(settings)
+    )
 
     plan, full_widths = _received_plan(content, model_name)
     model = make_model(plan_widths(plan), rate)

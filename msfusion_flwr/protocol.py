@@ -46,6 +46,7 @@ CLIENT_KEYS = (
     "optimizer",
     "contrastive-weight",
     "contrastive-temperature",
+    "classifier-scaler",
     "dropout-rate",
     "straggler-rate",
     "round-timeout",

@@ -64,3 +64,22 @@ def test_sub_model_slices_are_the_global_values_at_the_plan_indices():
         expected = full["conv2.0.weight"][plan["conv2"]][:, plan["conv1"]]
         torch.testing.assert_close(sent["conv2.0.weight"], expected, rtol=0, atol=0)
         torch.testing.assert_close(sent["head.weight"], full["head.weight"][:, plan["fc"]], rtol=0, atol=0)
+
+
+def test_participant_builds_its_model_with_the_configured_classifier_scaler(monkeypatch):
+    """``classifier-scaler`` reaches the participant's narrow model: head Scaler rate r when true, 1 when false."""
+    built = []
+    real_build = models.build_model
+
+    def recording_build(name, widths=None, rate=1.0, **kwargs):
+        built.append(real_build(name, widths, rate, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(participant, "build_model", recording_build)
+    full = real_build("cnn").state_dict()
+    for enabled, expected_rate in ((True, 0.25), (False, 1.0)):
+        built.clear()
+        config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid", "classifier-scaler": enabled}
+        grid = LoopbackGrid(4)
+        participant.train(round_messages(config, grid, 1, full)[0], grid.contexts[0])
+        assert built and all(m.head_scaler.rate == expected_rate and m.fc_scaler.rate == 0.25 for m in built)
