@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import DEFAULTS, ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
@@ -147,7 +147,9 @@ def resume_state(config: Mapping[str, Any]) -> dict[str, Any] | None:
     checkpoint = load_checkpoint(config["output-dir"])
     if checkpoint is None:
         return None
-    stored, current = checkpoint["config"], comparable(config)
+    # A key added to the app after the checkpoint was written counts as its default there.
+    stored = {**comparable(DEFAULTS), **checkpoint["config"]}
+    current = comparable(config)
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)

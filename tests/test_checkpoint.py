@@ -196,3 +196,13 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
     )
     assert [r["round"] for r in read_metrics(out)] == [0, 1]
     assert not (out / ckpt.CHECKPOINT_FILE).exists()
+
+
+def test_a_key_added_after_the_checkpoint_counts_as_its_default_on_resume(tmp_path):
+    """A checkpoint written before 'classifier-scaler' existed resumes when it is left at its default, not otherwise."""
+    config = resolve_config({"output-dir": str(tmp_path), "resume": True})
+    older = {k: v for k, v in config.items() if k != "classifier-scaler"}
+    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, older)
+    assert ckpt.resume_state(config)["round"] == 2
+    with pytest.raises(ConfigError, match="classifier-scaler"):
+        ckpt.resume_state({**config, "classifier-scaler": False})
