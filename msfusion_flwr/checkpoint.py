@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DEFAULTS, ConfigError
+from .config import ConfigError, with_defaults
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
@@ -147,8 +147,7 @@ def resume_state(config: Mapping[str, Any]) -> dict[str, Any] | None:
     checkpoint = load_checkpoint(config["output-dir"])
     if checkpoint is None:
         return None
-    # A key added to the app after the checkpoint was written counts as its default there.
-    stored = {**comparable(DEFAULTS), **checkpoint["config"]}
+    stored = comparable(with_defaults(checkpoint["config"]))
     current = comparable(config)
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if changed:

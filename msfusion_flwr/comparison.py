@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULTS, METHODS, resolve_config
+from .config import METHODS, resolve_config, with_defaults
 from .reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
@@ -193,7 +193,7 @@ def is_complete(spec: RunSpec, results_dir: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     expected = resolve_config(spec.config)
-    stored = {**DEFAULTS, **stored}
+    stored = with_defaults(stored)
     same = {k: v for k, v in stored.items() if k != "output-dir"} == {k: v for k, v in expected.items() if k != "output-dir"}
     return same and bool(rows) and rows[-1]["round"] == expected["num-server-rounds"]
 

@@ -185,6 +185,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 assert RULES.keys() == DEFAULTS.keys()
 
 
+def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A config stored by an earlier run, with every key added to the app since then at its default.
+
+    Lets a finished run or a checkpoint from before a new key still count as
+    the same config when the key is left at its default.
+    """
+    return {**DEFAULTS, **stored}
+
+
 def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults updated with ``overrides``, every key validated.
 
