@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,10 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
-def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A config as JSON would store it, without the keys a resume may change."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in IGNORED_ON_RESUME}
+def comparable(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_ON_RESUME) -> dict[str, Any]:
+    """A config as JSON would store it, without the keys in ``ignore`` (by default those a resume may change)."""
+    ignored = set(ignore)
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in ignored}
 
 
 def save_checkpoint(

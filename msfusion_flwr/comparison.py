@@ -25,7 +25,11 @@ A matrix file (TOML) holds
 Every run goes through :func:`msfusion_flwr.apps.run_experiment` (in-process
 simulation) into ``<results>/runs/<run id>/``; a run whose metrics already
 reach its last round with the same config is skipped, so an interrupted
-comparison resumes where it stopped.
+comparison resumes where it stopped. A run left unfinished starts again from
+scratch, unless the matrix sets ``checkpoint-every``: then it continues from
+its last checkpoint, with its participants' state kept in its own folder
+(``participant-state-dir``, unless the matrix sets one), so the resumed run
+ends as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -45,10 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, resolve_config, with_defaults
+from .checkpoint import comparable, resume_state
+from .config import METHODS, ConfigError, resolve_config, with_defaults
 from .reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
+PARTICIPANT_STATE_DIR = "participant-state"
+EXECUTION_KEYS = ("output-dir", "participant-state-dir", "resume")
+"""Config keys that say where and how a run executes, not what it computes: a
+finished run counts as complete whatever they hold (its folder may have moved)."""
 NON_CONFIG_AXES = ("variant", "num-supernodes")
 PER_ROUND_COSTS = ("flops_max", "bytes_down_max", "bytes_up_max", "peak_memory_bytes_max", "trained_params_max", "train_time_s_max")
 CUMULATIVE_COSTS = ("cum_flops_per_participant_max", "cum_bytes_down_per_participant_max", "cum_bytes_up_per_participant_max")
@@ -180,6 +189,19 @@ def select(specs: Sequence[RunSpec], only: Iterable[str]) -> list[RunSpec]:
     return [s for s in specs if all(key in s.labels and _slug(s.labels[key]) == v for key, v in wanted.items())]
 
 
+def run_config(spec: RunSpec, results_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """The resolved config ``spec`` runs with: its own, writing into its folder.
+
+    A checkpointing run also keeps its participants' state in that folder, so
+    a resume continues exactly and runs never share state files.
+    """
+    out = spec.output_dir(results_dir).resolve()
+    config = {**spec.config, "output-dir": str(out), "resume": resume}
+    if int(resolve_config(config)["checkpoint-every"]) > 0 and not config.get("participant-state-dir"):
+        config["participant-state-dir"] = str(out / PARTICIPANT_STATE_DIR)
+    return resolve_config(config)
+
+
 def is_complete(spec: RunSpec, results_dir: Path) -> bool:
     """Whether the run already finished with this exact config.
 
@@ -192,10 +214,17 @@ def is_complete(spec: RunSpec, results_dir: Path) -> bool:
         rows = read_metrics(out)
     except (OSError, json.JSONDecodeError):
         return False
-    expected = resolve_config(spec.config)
-    stored = with_defaults(stored)
-    same = {k: v for k, v in stored.items() if k != "output-dir"} == {k: v for k, v in expected.items() if k != "output-dir"}
+    expected = run_config(spec, results_dir)
+    same = comparable(with_defaults(stored), EXECUTION_KEYS) == comparable(expected, EXECUTION_KEYS)
     return same and bool(rows) and rows[-1]["round"] == expected["num-server-rounds"]
+
+
+def can_resume(spec: RunSpec, results_dir: Path) -> bool:
+    """Whether the run's folder holds a checkpoint of this very run to continue from."""
+    try:
+        return resume_state(run_config(spec, results_dir, resume=True)) is not None
+    except ConfigError:  # a checkpoint of another config: start again
+        return False
 
 
 class _RoundWatcher(threading.Thread):
@@ -237,12 +266,14 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
         with tqdm(total=total_rounds, unit="round", desc=f"{len(pending)} runs ({len(specs) - len(pending)} done)") as bar:
             for spec in pending:
                 out = spec.output_dir(results_dir)
-                shutil.rmtree(out, ignore_errors=True)
-                bar.set_postfix_str(spec.run_id)
+                resume = can_resume(spec, results_dir)
+                if not resume:
+                    shutil.rmtree(out, ignore_errors=True)
+                bar.set_postfix_str(spec.run_id + (" (resumed)" if resume else ""))
                 watcher = _RoundWatcher(out / METRICS_FILE, bar)
                 watcher.start()
                 try:
-                    run_experiment({**spec.config, "output-dir": str(out)}, num_supernodes=spec.num_supernodes)
+                    run_experiment(run_config(spec, results_dir, resume), num_supernodes=spec.num_supernodes)
                 finally:
                     watcher.stop.set()
                     watcher.join()

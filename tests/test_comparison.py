@@ -10,6 +10,7 @@ import pytest
 
 from msfusion_flwr.comparison import (
     MatrixError,
+    can_resume,
     curve_styles,
     expand,
     is_complete,
@@ -236,6 +237,36 @@ def test_short_harness_run_end_to_end_and_resumes(tmp_path):
     assert sorted(r["variant"] for r in rows) == ["msfusion", "msfusion-no-round-shift"]
     assert all(float(r["final_accuracy"]) > 0.1 and float(r["flops_max_per_round"]) > 0 for r in rows)
     assert "2 of 2 runs finished" in (results / "results.md").read_text()
+
+
+def test_an_interrupted_checkpointing_run_continues_from_its_checkpoint(tmp_path):
+    """With checkpoint-every, an unfinished run resumes after its checkpoint in its own folder and
+    ends as it did uninterrupted; a checkpoint of another config is not resumed."""
+    import torch
+
+    matrix = load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points="[[points]]\ncheckpoint-every = 2"))
+    (spec,) = expand(matrix)
+    results = tmp_path / "results"
+    run_matrix([spec], results)
+    out = spec.output_dir(results)
+    assert (out / "checkpoint.pt").is_file() and any((out / "participant-state").iterdir())
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3]
+    # killed during round 3: the checkpoint is of round 2, the metrics stop there
+    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    (out / "marker").write_text("kept")
+    assert not is_complete(spec, results) and can_resume(spec, results)
+    assert run_matrix([spec], results) == [spec]
+    assert (out / "marker").is_file()  # continued in place, not started again
+    resumed = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in resumed] == [0, 1, 2, 3]
+    for key in ("accuracy", "loss", "train_loss"):
+        assert json.loads(resumed[3])[key] == json.loads(rows[3])[key]
+    assert is_complete(spec, results)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["learning-rate"] = 0.5
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert not can_resume(spec, results)
 
 
 def test_every_preset_in_conf_is_valid():
