@@ -49,15 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import comparable, resume_state
+from .checkpoint import IGNORED_ON_RESUME, comparable, resume_state
 from .config import METHODS, ConfigError, resolve_config, with_defaults
 from .reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
 PARTICIPANT_STATE_DIR = "participant-state"
-EXECUTION_KEYS = ("output-dir", "participant-state-dir", "resume")
+EXECUTION_KEYS = (*IGNORED_ON_RESUME, "participant-state-dir")
 """Config keys that say where and how a run executes, not what it computes: a
-finished run counts as complete whatever they hold (its folder may have moved)."""
+finished run counts as complete whatever they hold (its folder may have moved).
+A resume keeps ``participant-state-dir`` (the state must be where it was left)."""
 NON_CONFIG_AXES = ("variant", "num-supernodes")
 PER_ROUND_COSTS = ("flops_max", "bytes_down_max", "bytes_up_max", "peak_memory_bytes_max", "trained_params_max", "train_time_s_max")
 CUMULATIVE_COSTS = ("cum_flops_per_participant_max", "cum_bytes_down_per_participant_max", "cum_bytes_up_per_participant_max")
