@@ -12,7 +12,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,7 @@ def make_strategy(
             spec,
             policy,
             budgets,
-            make_model=partial(build_model, str(config["model"]), **model_kwargs(data_settings(config))),
+            make_model=participant.participant_model_factory(config, data_settings(config)),
             server_set=load_server_set(data_settings(config)) if server_set is None else server_set,
             distill=distill_settings(config),
             **options,

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from .checkpoint import load_participant_state, save_participant_state
 from .config import data_settings
-from .data import load_partition, model_kwargs
+from .data import DataSettings, load_partition, model_kwargs
 from .models import build_model, model_class
 from .protocol import ARRAYS, CONFIG, METRICS, PLAN, decode_plan, encode_plan
 from .splitting import Axis, axis_positions, plan_widths
@@ -147,6 +147,17 @@ def simulate_faults(config: Mapping[str, Any], server_round: int, partition_id: 
         time.sleep(float(config["round-timeout"]) + 2.0)
 
 
+def participant_model_factory(config: Mapping[str, Any], settings: DataSettings) -> Callable[..., torch.nn.Module]:
+    """``make_model(widths, rate)``: how a participant builds its narrow model from the run config.
+
+    The FedDF server rebuilds the participants' models with it, so its teachers
+    run exactly as the participants trained them (``classifier-scaler`` included).
+    """
+    return partial(
+        build_model, str(config["model"]), classifier_scaling=bool(config["classifier-scaler"]), **model_kwargs(settings)
+    )
+
+
 def train(message: Message, context: Context) -> Message:
     """Handle one train message: narrow model in, trained narrow model out."""
     content = message.content
@@ -157,9 +168,7 @@ def train(message: Message, context: Context) -> Message:
     simulate_faults(config, server_round, partition_id)
     model_name = str(config["model"])
     settings = data_settings({**config, "data-dir": context.node_config.get("data-dir", config["data-dir"])})
-    make_model = partial(
-        build_model, model_name, classifier_scaling=bool(config["classifier-scaler"]), **model_kwargs(settings)
-    )
+    make_model = participant_model_factory(config, settings)
 
     plan, full_widths = _received_plan(content, model_name)
     model = make_model(plan_widths(plan), rate)

@@ -115,13 +115,16 @@ SMALL = {"conv1": 8, "conv2": 16, "conv3": 16, "fc": 32}
 def hand_made_round(
     server_set: Dataset, distill: DistillSettings, strategy_cls: type = EnsembleDistillation
 ) -> tuple[SubmodelStrategy, list[Message], list[torch.nn.Module]]:
-    """A small global model, two participants (r = 0.5 and 1) whose replies are their own random models."""
+    """A small global model, two participants (r = 0.5 and 1) whose replies are their own random models.
+
+    Built with the classifier Scaler on, where running the teachers as trained matters most.
+    """
     torch.manual_seed(0)
     global_model = build_model("cnn", SMALL)
     spec = SplitSpec.from_model(global_model)
     kwargs = {"min_available_nodes": 2, "seed": 7}
     if strategy_cls is EnsembleDistillation:
-        kwargs.update(make_model=partial(build_model, "cnn"), server_set=server_set, distill=distill)
+        kwargs.update(make_model=partial(build_model, "cnn", classifier_scaling=True), server_set=server_set, distill=distill)
     strategy = strategy_cls(spec, StaticPrefix(), Budgets(0.5, (0.5, 1.0)), **kwargs)
     grid = LoopbackGrid(2)
     messages = strategy.configure_train(1, ArrayRecord(global_model.state_dict()), client_config(resolve_config()), grid)
@@ -130,7 +133,7 @@ def hand_made_round(
         plan, _ = decode_plan(message.content.config_records[PLAN])
         rate = float(message.content.config_records[CONFIG]["split-rate"])
         torch.manual_seed(100 + message.metadata.dst_node_id)
-        model = build_model("cnn", plan_widths(plan), rate)
+        model = build_model("cnn", plan_widths(plan), rate, classifier_scaling=True)
         models.append(model)
         content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord({"num-examples": 10.0 * (1 + len(replies)), "train-loss": 1.0, "partition-id": float(message.metadata.dst_node_id)})})
         replies.append(Message(content, reply_to=message))
@@ -209,6 +212,17 @@ def test_distillation_never_reads_labels():
 
 
 # --------------------------------------------------------------------------- wiring, config, end to end
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_feddf_teachers_are_built_as_the_participants_trained_them(enabled):
+    """The server rebuilds each teacher with the run's classifier-scaler: head Scaler rate r when true, 1 when false."""
+    config = resolve_config({**FEDDF, "classifier-scaler": enabled})
+    server_set = TensorDataset(server_inputs(8), torch.zeros(8, dtype=torch.long))
+    strategy = make_strategy(config, SplitSpec.from_model(build_model("cnn")), server_set=server_set)
+    teacher = strategy.make_model(SMALL, 0.25)
+    assert teacher.head_scaler.rate == (0.25 if enabled else 1.0)
+    assert teacher.fc.weight.shape == (SMALL["fc"], SMALL["conv3"])
 
 
 def test_feddf_sends_heterofl_sub_models_sized_by_the_budgets():
