@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "distill-temperature": 1.0,
     "contrastive-weight": 1.0,
     "contrastive-temperature": 0.5,
-    "classifier-scaler": False,
+    "classifier-scaler": True,
     "local-epochs": 1,
     "batch-size": 32,
     "learning-rate": 0.05,
@@ -184,22 +184,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 assert RULES.keys() == DEFAULTS.keys()
 
-# What the app did before a key existed, where that differs from the key's
-# default today: runs stored before 'classifier-scaler' was added scaled the
-# classifier's input (its default until the scalability sweep showed that it
-# breaks sliced training at r <= 1/8).
-BEHAVIOUR_BEFORE_THE_KEY: dict[str, Any] = {"classifier-scaler": True}
-
 
 def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A config stored by an earlier run, with every key added to the app since then filled in.
+    """A config stored by an earlier run, with every key added to the app since then at its default.
 
-    A key the run predates gets the behaviour the app had then
-    (``BEHAVIOUR_BEFORE_THE_KEY``), otherwise its default. So a finished run or
-    a checkpoint from before a new key still counts as the same config exactly
-    when the key is set to what that run did.
+    Lets a finished run or a checkpoint from before a new key still count as
+    the same config when the key is left at its default.
     """
-    return {**DEFAULTS, **BEHAVIOUR_BEFORE_THE_KEY, **stored}
+    return {**DEFAULTS, **stored}
 
 
 def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class TransformerLM(nn.Module):
         rate: float = 1.0,
         vocab_size: int = 2,
         max_len: int = 64,
-        classifier_scaling: bool = False,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
@@ -238,7 +238,7 @@ class GPT2LM(nn.Module):
         rate: float = 1.0,
         vocab_size: int = 2,
         max_len: int = 64,
-        classifier_scaling: bool = False,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -81,7 +81,7 @@ class FashionCNN(ImageClassifier):
         rate: float = 1.0,
         num_classes: int = 10,
         in_channels: int = 1,
-        classifier_scaling: bool = False,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
@@ -168,7 +168,7 @@ class PreResNet18(ImageClassifier):
         rate: float = 1.0,
         num_classes: int = 10,
         in_channels: int = 3,
-        classifier_scaling: bool = False,
+        classifier_scaling: bool = True,
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
