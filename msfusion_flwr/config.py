@@ -1,78 +1,148 @@
-"""Run configuration: defaults, validation and the per-concern views of it.
+"""The run config: its keys and defaults, their validation, and the typed settings built from them.
 
-The keys and defaults here are the single source of truth; pyproject.toml's
-``[tool.flwr.app.config]`` lists the same (a test checks that they agree).
-Validation happens once, at ServerApp start, before any training: a bad value
-raises :class:`ConfigError` with one line naming the key.
+A run config is a flat mapping of string keys (``[tool.flwr.app.config]`` in
+pyproject.toml lists them with their defaults; a test checks that it matches
+:data:`DEFAULTS`). It is resolved and validated once, at a boundary (ServerApp
+start, :func:`msfusion_flwr.apps.run_experiment`, the comparison harness), into
+a :class:`RunConfig`: frozen dataclasses, one per concern, that every module
+below the boundary receives instead of the mapping. A bad value raises
+:class:`ConfigError` with one line naming the key, before anything runs.
+
+=============  ==========================================  =====================================
+section        type                                        keys
+=============  ==========================================  =====================================
+``method``     :class:`MethodSettings`                     method, split-ratio, budgets, overlap, shift-step, ...
+``model``      :class:`~msfusion_flwr.models.ModelSettings`  model, classifier-scaler
+``data``       :class:`~msfusion_flwr.data.DataSettings`   dataset, data-dir, partitioner, ..., seed
+``local``      :class:`TrainSettings`                      local-epochs, batch-size, learning-rate, ...
+``distill``    :class:`DistillSettings`                    distill-*
+``federation`` :class:`FederationSettings`                 num-server-rounds, fraction-train, ..., seed
+``faults``     :class:`FaultSettings`                      dropout-rate, straggler-rate
+``outputs``    :class:`OutputSettings`                     output-dir, checkpoint-every, resume, participant-state-dir
+=============  ==========================================  =====================================
+
+:meth:`RunConfig.to_dict` gives the flat mapping back: the form that
+``config.json``, checkpoints and the harness store and compare.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, DataSettings
-from .distillation import DistillSettings
-from .models import MODELS
-from .text_data import TEXT_PARTITIONERS
-from .training import OPTIMIZERS
+from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTITIONERS, DataSettings
+from .models import MODELS, ModelSettings
 
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
-partial-training strategy with their index policy (see index_policies.py);
+partial-training strategy with their index policy (see engine/policies.py);
 ``feddf`` runs HeteroFL's participants and fuses by ensemble distillation on
 the server slice (``server-data-fraction``, which it requires to be > 0)."""
 
-DEFAULTS: dict[str, Any] = {
-    "method": "msfusion",
-    "dataset": "fashion-mnist",
-    "model": "cnn",
-    "num-server-rounds": 20,
-    "fraction-train": 1.0,
-    "min-available-nodes": 2,
-    "split-ratio": 0.25,
-    "budgets": "",
-    "overlap": "auto",
-    "shift-step": 1,
-    "inter-participant-shift": True,
-    "fjord-levels": 8,
-    "distill-steps": 50,
-    "distill-batch-size": 128,
-    "distill-learning-rate": 0.001,
-    "distill-temperature": 1.0,
-    "contrastive-weight": 1.0,
-    "contrastive-temperature": 0.5,
-    "classifier-scaler": True,
-    "local-epochs": 1,
-    "batch-size": 32,
-    "learning-rate": 0.05,
-    "momentum": 0.9,
-    "weight-decay": 0.0005,
-    "optimizer": "sgd",
-    "seq-len": 64,
-    "train-split": "train",
-    "vocab-size": 0,
-    "partitioner": "dirichlet",
-    "dirichlet-alpha": 0.5,
-    "classes-per-partition": 2,
-    "data-fraction": 1.0,
-    "server-data-fraction": 0.0,
-    "seed": 0,
-    "dropout-rate": 0.0,
-    "straggler-rate": 0.0,
-    "round-timeout": 3600.0,
-    "eval-every": 1,
-    "data-dir": "",
-    "output-dir": "",
-    "checkpoint-every": 0,
-    "resume": False,
-    "participant-state-dir": "",
-}
+
+OPTIMIZERS = ("sgd", "adam")
+"""Local optimizers (``optimizer``), fresh every round."""
 
 
 class ConfigError(ValueError):
     """An invalid run-config value; the message is one line naming the key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Which method runs and how it plans sub-models."""
+
+    name: str = "msfusion"
+    split_ratio: float = 0.25
+    """r, every participant's budget unless ``budgets`` or its node config says otherwise."""
+    budgets: tuple[float, ...] = ()
+    """Per-partition split ratios, cycled by partition id; empty: everybody ``split_ratio``."""
+    overlap: float | str = "auto"
+    shift_step: int = 1
+    inter_participant_shift: bool = True
+    fjord_levels: int = 8
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A participant's local optimisation; ``seed`` is set per round by the participant."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    contrastive_weight: float = 1.0
+    contrastive_temperature: float = 0.5
+    optimizer: str = "sgd"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Server-side distillation hyper-parameters (FedDF)."""
+
+    steps: int = 50
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Rounds, sampling and waiting on the server."""
+
+    num_server_rounds: int = 20
+    fraction_train: float = 1.0
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    eval_every: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """Simulated failures of participants (experiments)."""
+
+    dropout_rate: float = 0.0
+    straggler_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where a run writes, checkpoints and keeps participant state."""
+
+    output_dir: str = ""
+    checkpoint_every: int = 0
+    resume: bool = False
+    participant_state_dir: str = ""
+
+
+SECTIONS: dict[str, type] = {
+    "method": MethodSettings,
+    "model": ModelSettings,
+    "data": DataSettings,
+    "local": TrainSettings,
+    "distill": DistillSettings,
+    "federation": FederationSettings,
+    "faults": FaultSettings,
+    "outputs": OutputSettings,
+}
+"""Section name -> its settings type (the fields of :class:`RunConfig`)."""
+
+
+# --------------------------------------------------------------------------- validation rules
+
+Rule = tuple[Callable[[Any], bool], str]
+"""(value is valid, what a valid value is: for the error message)."""
 
 
 def _is_number(v: Any) -> bool:
@@ -83,11 +153,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+def _choice(options: Iterable[str]) -> Rule:
+    options = tuple(options)
     return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
 
 
-def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> tuple[Callable[[Any], bool], str]:
+def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Rule:
     def ok(v: Any) -> bool:
         if not _is_number(v):
             return False
@@ -99,15 +170,15 @@ def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> tuple[Callabl
     return ok, f"a number in {left}{lo}, {hi}{right}"
 
 
-def _integer(lo: int) -> tuple[Callable[[Any], bool], str]:
+def _integer(lo: int) -> Rule:
     return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
 
 
-def _string() -> tuple[Callable[[Any], bool], str]:
+def _string() -> Rule:
     return (lambda v: isinstance(v, str)), "a string"
 
 
-def _boolean() -> tuple[Callable[[Any], bool], str]:
+def _boolean() -> Rule:
     return (lambda v: isinstance(v, bool)), "true or false"
 
 
@@ -121,7 +192,12 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     return ratios
 
 
-def _budgets() -> tuple[Callable[[Any], bool], str]:
+def format_budgets(ratios: tuple[float, ...]) -> str:
+    """Inverse of :func:`parse_budgets`: ``(0.25, 0.5)`` -> ``"0.25,0.5"``."""
+    return ",".join(repr(float(r)) for r in ratios)
+
+
+def _budgets() -> Rule:
     def ok(v: Any) -> bool:
         try:
             return isinstance(v, str) and parse_budgets(v) is not None
@@ -131,58 +207,165 @@ def _budgets() -> tuple[Callable[[Any], bool], str]:
     return ok, "a comma-separated list of split ratios in (0, 1], or empty"
 
 
-def _overlap() -> tuple[Callable[[Any], bool], str]:
+def _overlap() -> Rule:
     number_ok, _ = _number(0.0, 1.0, False, True)
     return (lambda v: v == "auto" or number_ok(v)), "'auto' or a number in [0, 1)"
 
 
+def _vocab_size() -> Rule:
+    return (lambda v: _is_int(v) and (v == 0 or v >= 2)), "0 (every word) or an integer >= 2"
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: the fields it sets, its rule, and how its flat value maps to the typed one."""
+
+    targets: tuple[tuple[str, str], ...]
+    """(section, field) pairs it sets; the first is where :meth:`RunConfig.to_dict` reads it back."""
+    rule: Rule
+    to_field: Callable[[Any], Any] = _same
+    to_flat: Callable[[Any], Any] = _same
+
+
 INF = math.inf
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "method": _choice(METHODS),
-    "dataset": _choice(DATASETS),
-    "model": _choice(tuple(MODELS)),
-    "num-server-rounds": _integer(1),
-    "fraction-train": _number(0.0, 1.0, True, False),
-    "min-available-nodes": _integer(1),
-    "split-ratio": _number(0.0, 1.0, True, False),
-    "budgets": _budgets(),
-    "overlap": _overlap(),
-    "shift-step": _integer(0),
-    "inter-participant-shift": _boolean(),
-    "classifier-scaler": _boolean(),
-    "fjord-levels": _integer(1),
-    "distill-steps": _integer(1),
-    "distill-batch-size": _integer(1),
-    "distill-learning-rate": _number(0.0, INF, True, True),
-    "distill-temperature": _number(0.0, INF, True, True),
-    "contrastive-weight": _number(0.0, INF, False, True),
-    "contrastive-temperature": _number(0.0, INF, True, True),
-    "local-epochs": _integer(1),
-    "batch-size": _integer(1),
-    "learning-rate": _number(0.0, INF, True, True),
-    "momentum": _number(0.0, 1.0, False, True),
-    "weight-decay": _number(0.0, INF, False, True),
-    "optimizer": _choice(OPTIMIZERS),
-    "seq-len": _integer(2),
-    "train-split": _choice(("train", "valid")),
-    "vocab-size": (lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (every word) or an integer >= 2"),
-    "partitioner": _choice(PARTITIONERS),
-    "dirichlet-alpha": _number(0.0, INF, True, True),
-    "classes-per-partition": _integer(1),
-    "data-fraction": _number(0.0, 1.0, True, False),
-    "server-data-fraction": _number(0.0, 1.0, False, True),
-    "seed": _integer(0),
-    "dropout-rate": _number(0.0, 1.0, False, True),
-    "straggler-rate": _number(0.0, 1.0, False, True),
-    "round-timeout": _number(0.0, INF, True, True),
-    "eval-every": _integer(1),
-    "data-dir": _string(),
-    "output-dir": _string(),
-    "checkpoint-every": _integer(0),
-    "resume": _boolean(),
-    "participant-state-dir": _string(),
+
+
+def _key(section: str, name: str, rule: Rule, **kwargs: Callable[[Any], Any]) -> Key:
+    return Key(((section, name),), rule, **kwargs)
+
+
+KEYS: dict[str, Key] = {
+    "method": _key("method", "name", _choice(METHODS)),
+    "dataset": _key("data", "dataset", _choice(DATASETS)),
+    "model": _key("model", "name", _choice(MODELS)),
+    "num-server-rounds": _key("federation", "num_server_rounds", _integer(1)),
+    "fraction-train": _key("federation", "fraction_train", _number(0.0, 1.0, True, False)),
+    "min-available-nodes": _key("federation", "min_available_nodes", _integer(1)),
+    "split-ratio": _key("method", "split_ratio", _number(0.0, 1.0, True, False)),
+    "budgets": _key("method", "budgets", _budgets(), to_field=parse_budgets, to_flat=format_budgets),
+    "overlap": _key("method", "overlap", _overlap()),
+    "shift-step": _key("method", "shift_step", _integer(0)),
+    "inter-participant-shift": _key("method", "inter_participant_shift", _boolean()),
+    "fjord-levels": _key("method", "fjord_levels", _integer(1)),
+    "distill-steps": _key("distill", "steps", _integer(1)),
+    "distill-batch-size": _key("distill", "batch_size", _integer(1)),
+    "distill-learning-rate": _key("distill", "learning_rate", _number(0.0, INF, True, True)),
+    "distill-temperature": _key("distill", "temperature", _number(0.0, INF, True, True)),
+    "contrastive-weight": _key("local", "contrastive_weight", _number(0.0, INF, False, True)),
+    "contrastive-temperature": _key("local", "contrastive_temperature", _number(0.0, INF, True, True)),
+    "classifier-scaler": _key("model", "classifier_scaler", _boolean()),
+    "local-epochs": _key("local", "epochs", _integer(1)),
+    "batch-size": _key("local", "batch_size", _integer(1)),
+    "learning-rate": _key("local", "learning_rate", _number(0.0, INF, True, True)),
+    "momentum": _key("local", "momentum", _number(0.0, 1.0, False, True)),
+    "weight-decay": _key("local", "weight_decay", _number(0.0, INF, False, True)),
+    "optimizer": _key("local", "optimizer", _choice(OPTIMIZERS)),
+    "seq-len": _key("data", "seq_len", _integer(2)),
+    "train-split": _key("data", "train_split", _choice(("train", "valid"))),
+    "vocab-size": _key("data", "vocab_size", _vocab_size()),
+    "partitioner": _key("data", "partitioner", _choice(PARTITIONERS)),
+    "dirichlet-alpha": _key("data", "dirichlet_alpha", _number(0.0, INF, True, True)),
+    "classes-per-partition": _key("data", "classes_per_partition", _integer(1)),
+    "data-fraction": _key("data", "data_fraction", _number(0.0, 1.0, True, False)),
+    "server-data-fraction": _key("data", "server_fraction", _number(0.0, 1.0, False, True)),
+    "seed": Key((("federation", "seed"), ("data", "seed")), _integer(0)),
+    "dropout-rate": _key("faults", "dropout_rate", _number(0.0, 1.0, False, True)),
+    "straggler-rate": _key("faults", "straggler_rate", _number(0.0, 1.0, False, True)),
+    "round-timeout": _key("federation", "round_timeout", _number(0.0, INF, True, True)),
+    "eval-every": _key("federation", "eval_every", _integer(1)),
+    "data-dir": _key("data", "data_dir", _string()),
+    "output-dir": _key("outputs", "output_dir", _string()),
+    "checkpoint-every": _key("outputs", "checkpoint_every", _integer(0)),
+    "resume": _key("outputs", "resume", _boolean()),
+    "participant-state-dir": _key("outputs", "participant_state_dir", _string()),
 }
-assert RULES.keys() == DEFAULTS.keys()
+"""Every run-config key, in pyproject.toml's order."""
+
+
+# --------------------------------------------------------------------------- the typed config
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A resolved, validated run config: one frozen settings object per concern."""
+
+    method: MethodSettings = field(default_factory=MethodSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    local: TrainSettings = field(default_factory=TrainSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Defaults updated with ``overrides``, validated (:func:`resolve_config`), as typed settings."""
+        resolved = resolve_config(overrides)
+        return cls(**{name: section(resolved, name) for name in SECTIONS})
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (partitions, sampling, initial model, local training)."""
+        return self.federation.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat run config, key by key in :data:`KEYS` order."""
+        out = {}
+        for key, spec in KEYS.items():
+            section_name, name = spec.targets[0]
+            out[key] = spec.to_flat(getattr(getattr(self, section_name), name))
+        return out
+
+    def with_outputs(self, **changes: Any) -> RunConfig:
+        """This config with fields of its :class:`OutputSettings` changed (where the run writes)."""
+        return dataclasses.replace(self, outputs=dataclasses.replace(self.outputs, **changes))
+
+    def fingerprint(self) -> str:
+        """A short hash of the config (``resume`` left out): tags participant state files."""
+        text = json.dumps(comparable(self.to_dict()), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def section(flat: Mapping[str, Any], name: str) -> Any:
+    """Settings ``name`` (a :data:`SECTIONS` key) from the keys of ``flat`` that set it; absent keys keep their defaults.
+
+    Values are taken as they are: validate with :func:`resolve_config` first
+    when they come from a user (a train message carries values the server validated).
+    """
+    cls = SECTIONS[name]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for key, spec in KEYS.items():
+        if key in flat:
+            for section_name, field_name in spec.targets:
+                if section_name == name:
+                    values[field_name] = _coerce(spec.to_field(flat[key]), types[field_name])
+    return cls(**values)
+
+
+SCALARS: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool}
+"""Annotations of settings fields whose values are converted to that type (an int given for a float key, ...)."""
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    scalar = SCALARS.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+    return scalar(value) if scalar else value
+
+
+DEFAULTS: dict[str, Any] = RunConfig().to_dict()
+"""Every key at its default: the keys and values of pyproject.toml's ``[tool.flwr.app.config]``."""
+RULES: dict[str, Rule] = {key: spec.rule for key, spec in KEYS.items()}
+
+
+# --------------------------------------------------------------------------- resolving
 
 
 def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,8 +377,19 @@ def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **stored}
 
 
+IGNORED_ON_RESUME = ("resume", "output-dir")
+"""Config keys that may differ between a checkpointed run and the resumed one (the run to
+continue is the one in output-dir, however its path is spelled)."""
+
+
+def comparable(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_ON_RESUME) -> dict[str, Any]:
+    """A flat config as JSON would store it, without the keys in ``ignore`` (by default those a resume may change)."""
+    ignored = set(ignore)
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in ignored}
+
+
 def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults updated with ``overrides``, every key validated.
+    """Defaults updated with ``overrides``, every key validated: the flat resolved mapping.
 
     Raises :class:`ConfigError` (one line naming the key) on an unknown key or
     a bad value, before anything else happens.
@@ -240,30 +434,3 @@ def _check_model_and_data(config: Mapping[str, Any]) -> None:
     allowed = TEXT_PARTITIONERS if text else tuple(p for p in PARTITIONERS if p != "contiguous")
     if config["partitioner"] not in allowed:
         raise ConfigError(f"config key 'partitioner' must be one of {list(allowed)} for dataset {dataset!r}, got {config['partitioner']!r}")
-
-
-def data_settings(config: Mapping[str, Any]) -> DataSettings:
-    """The data view of a resolved config."""
-    return DataSettings(
-        dataset=str(config["dataset"]),
-        data_dir=str(config["data-dir"]),
-        partitioner=str(config["partitioner"]),
-        dirichlet_alpha=float(config["dirichlet-alpha"]),
-        classes_per_partition=int(config["classes-per-partition"]),
-        data_fraction=float(config["data-fraction"]),
-        seed=int(config["seed"]),
-        server_fraction=float(config["server-data-fraction"]),
-        seq_len=int(config["seq-len"]),
-        train_split=str(config["train-split"]),
-        vocab_size=int(config["vocab-size"]),
-    )
-
-
-def distill_settings(config: Mapping[str, Any]) -> DistillSettings:
-    """The server-side distillation view of a resolved config (FedDF)."""
-    return DistillSettings(
-        steps=int(config["distill-steps"]),
-        batch_size=int(config["distill-batch-size"]),
-        learning_rate=float(config["distill-learning-rate"]),
-        temperature=float(config["distill-temperature"]),
-    )

@@ -3,8 +3,10 @@
 A train message carries
 
 * ``arrays`` (ArrayRecord): the sub-model's sliced tensors, nothing full-size;
-* ``config`` (ConfigRecord): local-training and data settings, ``server-round``
-  and ``split-rate`` (the Scaler's rate);
+* ``config`` (ConfigRecord): the run-config keys a participant needs
+  (:data:`CLIENT_KEYS`), plus ``server-round``, ``split-rate`` (the Scaler's
+  rate) and ``state-tag`` (the run's fingerprint, tagging participant state
+  files); the participant reads it back as a typed :class:`TrainInstructions`;
 * ``plan`` (ConfigRecord, absent for full-model methods): for every width group
   ``index.<group>`` (the global units held, in window order) and
   ``width.<group>`` (the group's full width K), enough to build the narrow model
@@ -16,14 +18,23 @@ The reply carries ``arrays`` (the trained sub-model) and ``metrics``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from .config import FaultSettings, RunConfig, TrainSettings, section
+from .data import DataSettings
+from .models import ModelSettings
+
 ARRAYS, CONFIG, PLAN, METRICS = "arrays", "config", "plan", "metrics"
+WEIGHT_KEY = "num-examples"
+"""Reply metric: the participant's number of training examples, its weight in fusion."""
+SERVER_ROUND, SPLIT_RATE, STATE_TAG = "server-round", "split-rate", "state-tag"
+"""Config-record entries the server adds to the run-config keys of a train message."""
 
 CLIENT_KEYS = (
     "model",
@@ -56,16 +67,73 @@ CLIENT_KEYS = (
 """Run-config keys a ClientApp needs; the ServerApp sends them every round."""
 
 
-def client_config(config: Mapping[str, Any]) -> ConfigRecord:
-    """The part of a resolved run config that participants need.
+def client_config(run: RunConfig) -> ConfigRecord:
+    """The part of a run config that participants need, as a config record.
 
     Only MSfusion trains with the contrastive term; every other method sends
-    ``contrastive-weight = 0`` (plain cross-entropy).
+    ``contrastive-weight = 0`` (plain cross-entropy). The state tag is the
+    run's fingerprint.
     """
-    record = ConfigRecord({key: config[key] for key in CLIENT_KEYS})
-    if config["method"] != "msfusion":
-        record["contrastive-weight"] = 0.0
+    local = run.local if run.method.name == "msfusion" else dataclasses.replace(run.local, contrastive_weight=0.0)
+    flat = dataclasses.replace(run, local=local).to_dict()
+    record = ConfigRecord({key: flat[key] for key in CLIENT_KEYS})
+    record[STATE_TAG] = run.fingerprint()
     return record
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    """A train message's config record, typed: everything a participant reads from it."""
+
+    model: ModelSettings
+    data: DataSettings
+    local: TrainSettings
+    faults: FaultSettings
+    round_timeout: float
+    checkpoint_every: int
+    participant_state_dir: str
+    state_tag: str
+    server_round: int
+    split_rate: float
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        """Read the record a server built with :func:`client_config` (values validated there)."""
+        flat = dict(record)
+        federation, outputs = section(flat, "federation"), section(flat, "outputs")
+        return cls(
+            model=section(flat, "model"),
+            data=section(flat, "data"),
+            local=section(flat, "local"),
+            faults=section(flat, "faults"),
+            round_timeout=federation.round_timeout,
+            checkpoint_every=outputs.checkpoint_every,
+            participant_state_dir=outputs.participant_state_dir,
+            state_tag=str(flat.get(STATE_TAG, "")),
+            server_round=int(flat[SERVER_ROUND]),  # type: ignore[arg-type]
+            split_rate=float(flat.get(SPLIT_RATE, 1.0)),  # type: ignore[arg-type]
+        )
+
+
+PROFILE = "profile"
+"""Config record of a query reply: what a node tells the server about itself."""
+
+
+def encode_profile(partition_id: int, num_partitions: int, split_ratio: float | None) -> RecordDict:
+    """A query reply's content: the node's partition, and its own split-ratio budget if it has one."""
+    profile = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    if split_ratio is not None:
+        profile["split-ratio"] = float(split_ratio)
+    return RecordDict({PROFILE: profile})
+
+
+def decode_profile(content: RecordDict) -> tuple[int, float | None] | None:
+    """``(partition id, split ratio or None)`` from a query reply's content; None if it holds no profile."""
+    if PROFILE not in content.config_records:
+        return None
+    profile = content.config_records[PROFILE]
+    ratio = profile.get("split-ratio")
+    return int(profile["partition-id"]), None if ratio is None else float(ratio)  # type: ignore[arg-type]
 
 
 def encode_plan(plan: Mapping[str, torch.Tensor], full_widths: Mapping[str, int]) -> ConfigRecord:

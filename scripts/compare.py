@@ -5,7 +5,7 @@
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --report-only
 
 Runs that already finished with the same config are skipped; the report covers
-the finished runs. See msfusion_flwr/comparison.py for the matrix format.
+the finished runs. See msfusion_flwr/experiments/comparison.py for the matrix format.
 
 The report is about one metric of the global model, chosen by the matrix's
 top-level ``metric``: "accuracy" (default, higher is better), "perplexity"
@@ -26,8 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from msfusion_flwr.comparison import MatrixError, expand, load_matrix, run_matrix, select, write_report
 from msfusion_flwr.config import ConfigError
+from msfusion_flwr.experiments.comparison import MatrixError, expand, load_matrix, run_matrix, select, write_report
 
 
 def main() -> None:

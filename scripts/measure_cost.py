@@ -21,25 +21,25 @@ import statistics
 import torch
 from flwr.app import ArrayRecord
 
-from msfusion_flwr import participant
-from msfusion_flwr.apps import make_strategy
-from msfusion_flwr.config import resolve_config
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.device import participant
+from msfusion_flwr.engine import SplitSpec
+from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import client_config, message_array_bytes
-from msfusion_flwr.splitting import SplitSpec
+from msfusion_flwr.server.methods import make_strategy
 
 
 def measure(config: dict, num_participants: int, rounds: int, node: int) -> tuple[int, float]:
     """(array bytes received by ``node`` per round, median local training seconds)."""
-    resolved = resolve_config(config)
-    model = build_model(resolved["model"])
-    strategy = make_strategy(resolved, SplitSpec.from_model(model))
+    run = RunConfig.from_mapping(config)
+    model = build_model(run.model.name)
+    strategy = make_strategy(run, SplitSpec.from_model(model))
     grid = LoopbackGrid(num_participants)
     arrays = ArrayRecord(model.state_dict())
     received, times = [], []
     for server_round in range(1, rounds + 1):
-        messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, arrays, client_config(resolved), grid)}
+        messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, arrays, client_config(run), grid)}
         received.append(message_array_bytes(messages[node]))
         reply = participant.train(messages[node], grid.contexts[node])
         times.append(float(reply.content["metrics"]["train-time-s"]))

@@ -10,14 +10,16 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from msfusion_flwr.apps import make_strategy
-from msfusion_flwr.config import resolve_config
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.device.losses import Representation
+from msfusion_flwr.device.metering import PeakTensorMemory, resident_tensors
+from msfusion_flwr.device.training import TrainSettings, train_local
+from msfusion_flwr.engine import SplitSpec, slice_state
+from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import ImageClassifier, build_model
 from msfusion_flwr.protocol import ARRAYS, PLAN, client_config, decode_plan
-from msfusion_flwr.reporting import CumulativeCosts, summarize_costs
-from msfusion_flwr.splitting import SplitSpec, slice_state
-from msfusion_flwr.training import PeakTensorMemory, Representation, TrainSettings, resident_tensors, train_local
+from msfusion_flwr.server.methods import make_strategy
+from msfusion_flwr.server.reporting import CumulativeCosts, summarize_costs
 
 
 class TwoLayer(ImageClassifier):
@@ -105,7 +107,7 @@ def test_peak_memory_of_a_sub_model_is_smaller():
 
 def test_bytes_down_equal_the_sliced_arrays_nbytes():
     """The meter's bytes per node equal the nbytes of that node's sliced tensors."""
-    config = resolve_config({"split-ratio": 0.25})
+    config = RunConfig.from_mapping({"split-ratio": 0.25})
     model = build_model("cnn")
     spec = SplitSpec.from_model(model)
     strategy = make_strategy(config, spec)

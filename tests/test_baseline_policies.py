@@ -10,9 +10,9 @@ from flwr.app import ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.apps import POLICIES, global_widths, make_strategy
-from msfusion_flwr.config import resolve_config
-from msfusion_flwr.index_policies import (
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.engine import SplitSpec
+from msfusion_flwr.engine.policies import (
     DoubleShift,
     FullWidth,
     OrderedDropout,
@@ -21,11 +21,11 @@ from msfusion_flwr.index_policies import (
     RollingWindow,
     StaticPrefix,
 )
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import CONFIG, PLAN, client_config, decode_plan
-from msfusion_flwr.splitting import SplitSpec
-from msfusion_flwr.strategy import Budgets, NodeProfile
+from msfusion_flwr.server.methods import POLICIES, global_widths, make_strategy
+from msfusion_flwr.server.nodes import Budgets, NodeProfile
 
 SETTINGS = settings(max_examples=150, deadline=None)
 widths_st = st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(1, 300), min_size=1)
@@ -138,7 +138,7 @@ def test_budgets_node_config_wins_then_list_then_default():
 @pytest.mark.parametrize("method", sorted(POLICIES))
 def test_every_method_sends_sub_models_sized_by_the_budgets(method):
     """Each participant's message is cut to its own budget (budgets list), for every partial-training method."""
-    config = resolve_config({"method": method, "budgets": "0.25,0.5,1.0", "split-ratio": 0.25})
+    config = RunConfig.from_mapping({"method": method, "budgets": "0.25,0.5,1.0", "split-ratio": 0.25})
     global_model = build_model("cnn", global_widths(config))
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(config, spec)

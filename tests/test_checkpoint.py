@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from msfusion_flwr import checkpoint as ckpt
-from msfusion_flwr.apps import run_experiment
-from msfusion_flwr.config import ConfigError, resolve_config
-from msfusion_flwr.reporting import MODEL_FILE, read_metrics
 from run_rows import strip_timing
+
+from msfusion_flwr.apps import run_experiment
+from msfusion_flwr.config import ConfigError, RunConfig
+from msfusion_flwr.device import state as participant_state
+from msfusion_flwr.server import checkpoint as ckpt
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {
@@ -37,7 +38,7 @@ RUN = {
 
 def test_checkpoint_holds_the_round_and_a_failed_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     """A write that dies half-way leaves neither a partial checkpoint nor a temporary file."""
-    config = resolve_config({"output-dir": str(tmp_path)})
+    config = RunConfig.from_mapping({"output-dir": str(tmp_path)})
     state = {"w": torch.arange(6.0).reshape(2, 3)}
     ckpt.save_checkpoint(tmp_path, 1, state, config, cumulative_totals={0: {"flops": 5.0}})
     first = ckpt.load_checkpoint(tmp_path)
@@ -76,15 +77,15 @@ def test_participant_state_keeps_what_a_resume_needs(tmp_path):
     """The newest round before the asked one is returned; other runs' files (other tag) are ignored."""
     plan = {"index.fc": [0, 1], "width.fc": 4}
     for r in (1, 2, 3):
-        ckpt.save_participant_state(tmp_path, 7, "run-a", r, {"w": torch.full((2,), float(r))}, plan, 0.5, 1)
-    found = ckpt.load_participant_state(tmp_path, 7, "run-a", 3)  # resuming round 3 after a kill in round 3
+        participant_state.save_participant_state(tmp_path, 7, "run-a", r, {"w": torch.full((2,), float(r))}, plan, 0.5, 1)
+    found = participant_state.load_participant_state(tmp_path, 7, "run-a", 3)  # resuming round 3 after a kill in round 3
     assert found is not None and found[0] == 2 and torch.equal(found[1]["arrays"]["w"], torch.full((2,), 2.0))
     assert found[1]["plan"] == plan and found[1]["rate"] == 0.5
-    assert ckpt.load_participant_state(tmp_path, 7, "run-b", 3) is None
-    assert ckpt.load_participant_state(tmp_path, 7, "run-a", 1) is None
+    assert participant_state.load_participant_state(tmp_path, 7, "run-b", 3) is None
+    assert participant_state.load_participant_state(tmp_path, 7, "run-a", 1) is None
     # A resumed round 2 drops the abandoned rounds 2 and 3.
-    ckpt.save_participant_state(tmp_path, 7, "run-a", 2, {"w": torch.full((2,), 20.0)}, plan, 0.5, 1)
-    assert ckpt.load_participant_state(tmp_path, 7, "run-a", 4)[1]["arrays"]["w"][0] == 20.0
+    participant_state.save_participant_state(tmp_path, 7, "run-a", 2, {"w": torch.full((2,), 20.0)}, plan, 0.5, 1)
+    assert participant_state.load_participant_state(tmp_path, 7, "run-a", 4)[1]["arrays"]["w"][0] == 20.0
 
 
 # --- resume ---------------------------------------------------------------
@@ -200,9 +201,12 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
 
 def test_a_key_added_after_the_checkpoint_counts_as_its_default_on_resume(tmp_path):
     """A checkpoint written before 'classifier-scaler' existed resumes when it is left at its default, not otherwise."""
-    config = resolve_config({"output-dir": str(tmp_path), "resume": True})
-    older = {k: v for k, v in config.items() if k != "classifier-scaler"}
-    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, older)
+    overrides = {"output-dir": str(tmp_path), "resume": True}
+    config = RunConfig.from_mapping(overrides)
+    path = ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, config)
+    older = torch.load(path, weights_only=True)
+    del older["config"]["classifier-scaler"]
+    torch.save(older, path)
     assert ckpt.resume_state(config)["round"] == 2
     with pytest.raises(ConfigError, match="classifier-scaler"):
-        ckpt.resume_state({**config, "classifier-scaler": False})
+        ckpt.resume_state(RunConfig.from_mapping({**overrides, "classifier-scaler": False}))

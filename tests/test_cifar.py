@@ -26,17 +26,15 @@ from torch.utils.data import DataLoader
 from msfusion_flwr import data as data_mod
 from msfusion_flwr.data import (
     HUB_DATASETS,
-    AugmentedImages,
     DataSettings,
     DataUnavailableError,
-    load_hub_split,
     load_partition,
     load_test_set,
     model_kwargs,
     partition_indices,
-    random_crop_flip,
-    standardize,
 )
+from msfusion_flwr.data.hub_images import AugmentedImages, load_hub_split, random_crop_flip, standardize
+from msfusion_flwr.data.partitioning import server_split, training_subset
 
 N_TRAIN = {"cifar10": 120, "cifar100": 600}  # CIFAR-100: enough per class for Dirichlet's min size
 N_TEST = 20
@@ -212,7 +210,7 @@ def test_data_fraction_keeps_seeded_subset(hub_copies, fraction):
     partition_indices.cache_clear()
     assert kept(5) == first
     assert kept(6) != first
-    assert set(data_mod.training_subset(n_train, fraction, 5).tolist()) == first
+    assert set(training_subset(n_train, fraction, 5).tolist()) == first
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
@@ -223,8 +221,8 @@ def test_server_slice_is_held_out_of_the_partitions(hub_copies, partitioner):
     spec = HUB_DATASETS["cifar10"]
     base = {"dataset": "cifar10", "data_dir": folder, "partitioner": partitioner, "dirichlet_alpha": 1.0, "seed": 3}
     settings = DataSettings(**base, data_fraction=0.5, server_fraction=0.25)
-    pool, held = data_mod.server_split(N_TRAIN["cifar10"], 0.5, 0.25, 3)
-    assert len(held) == round(0.25 * 60) and set(pool) | set(held) == set(data_mod.training_subset(120, 0.5, 3))
+    pool, held = server_split(N_TRAIN["cifar10"], 0.5, 0.25, 3)
+    assert len(held) == round(0.25 * 60) and set(pool) | set(held) == set(training_subset(120, 0.5, 3))
     covered = assert_disjoint(partition_indices(settings, 3), N_TRAIN["cifar10"])
     assert covered == set(pool.tolist()) and not covered & set(held.tolist())
     x, y = data_mod.load_server_set(settings).tensors
@@ -319,7 +317,7 @@ def test_model_kwargs():
 def test_cifar100_preresnet18_runs_through_the_simulation_engine(hub_copies, tmp_path, monkeypatch):
     """PreResNet-18 sub-models (r = 0.25) on a local CIFAR-100 copy, 1 round, 2 participants, end to end."""
     from msfusion_flwr.apps import run_experiment
-    from msfusion_flwr.reporting import MODEL_FILE, read_metrics
+    from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # inherited by the Ray workers
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")

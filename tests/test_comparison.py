@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from msfusion_flwr.comparison import (
+from msfusion_flwr.config import ConfigError
+from msfusion_flwr.experiments.comparison import (
     MatrixError,
     can_resume,
     curve_styles,
@@ -22,7 +23,6 @@ from msfusion_flwr.comparison import (
     summarize_run,
     write_report,
 )
-from msfusion_flwr.config import ConfigError
 
 MATRIX = """
 {head}
@@ -193,7 +193,7 @@ def test_metric_and_target_keys_alias_and_one_line_errors(tmp_path):
 def test_perplexity_report_from_hand_made_runs(tmp_path):
     """write_report with metric=perplexity: CSV/Markdown columns and perplexity_vs_*.png, from runs written by hand."""
     from msfusion_flwr.config import resolve_config
-    from msfusion_flwr.reporting import CONFIG_FILE, METRICS_FILE
+    from msfusion_flwr.server.reporting import CONFIG_FILE, METRICS_FILE
 
     matrix = load_matrix(write_matrix(tmp_path, rounds=3, head='metric = "perplexity"\ntarget = 200'))
     specs = expand(matrix)

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from msfusion_flwr import data as data_mod
-from msfusion_flwr.data import (
-    DataSettings,
-    DataUnavailableError,
-    load_fashion_mnist,
-    load_partition,
-    locate_fashion_mnist,
-    normalize_images,
-    partition_indices,
-)
+from msfusion_flwr.data import DataSettings, DataUnavailableError, load_partition, partition_indices
+from msfusion_flwr.data import fashion_mnist as data_mod
+from msfusion_flwr.data.fashion_mnist import load_fashion_mnist, locate_fashion_mnist, normalize_images
 
 NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -1,4 +1,4 @@
-"""End-to-end under Flower's deployment engine: ``scripts/deploy_local.py``.
+"""End-to-end under Flower's deployment engine: ``scripts/deploy_local.py`` and :mod:`msfusion_flwr.deployment`.
 
 A real SuperLink and real SuperNodes (separate processes, on loopback, free
 ports, their own ``FLWR_HOME``) run the app from a copy of the repository via
@@ -10,7 +10,6 @@ checks that no process the deployment started is left running, by PID.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -31,15 +30,7 @@ COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", 
 RUN_TIMEOUT_S = 300
 
 
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("deploy_local", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_local"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-dl = _load_launcher()
+import msfusion_flwr.deployment as dl  # noqa: E402
 
 
 def _quick(output_dir: Path, rounds: int, nodes: int) -> dict[str, object]:

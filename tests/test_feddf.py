@@ -10,27 +10,22 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from torch.utils.data import Dataset, TensorDataset
 
-from msfusion_flwr.apps import make_strategy, run_experiment
-from msfusion_flwr.config import ConfigError, data_settings, resolve_config
-from msfusion_flwr.data import (
-    DataSettings,
-    load_fashion_mnist,
-    load_partition,
-    load_server_set,
-    make_partitioner,
-    normalize_images,
-    partition_indices,
-    server_split,
-    training_subset,
-)
-from msfusion_flwr.distillation import DistillSettings, ensemble_logits, kl_to_teacher, teacher_mode
-from msfusion_flwr.index_policies import StaticPrefix
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.apps import run_experiment
+from msfusion_flwr.config import ConfigError, DistillSettings, RunConfig, resolve_config
+from msfusion_flwr.data import DataSettings, load_partition, load_server_set, partition_indices
+from msfusion_flwr.data.fashion_mnist import load_fashion_mnist, normalize_images
+from msfusion_flwr.data.partitioning import make_partitioner, server_split, training_subset
+from msfusion_flwr.engine import SplitSpec, plan_widths
+from msfusion_flwr.engine.policies import StaticPrefix
+from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import FashionCNN, build_model
-from msfusion_flwr.protocol import ARRAYS, CONFIG, METRICS, PLAN, client_config, decode_plan
-from msfusion_flwr.reporting import MODEL_FILE, read_metrics
-from msfusion_flwr.splitting import SplitSpec, plan_widths
-from msfusion_flwr.strategy import Budgets, EnsembleDistillation, SubmodelStrategy
+from msfusion_flwr.protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, TrainInstructions, client_config, decode_plan
+from msfusion_flwr.server.distillation import ensemble_logits, kl_to_teacher, teacher_mode
+from msfusion_flwr.server.feddf import EnsembleDistillation
+from msfusion_flwr.server.methods import make_strategy
+from msfusion_flwr.server.nodes import Budgets
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
+from msfusion_flwr.server.strategy import SubmodelStrategy
 
 FEDDF = {"method": "feddf", "server-data-fraction": 0.05}
 
@@ -97,9 +92,11 @@ def test_no_server_slice_leaves_partitions_unchanged(partitioner):
 def test_participants_hold_out_the_same_slice_as_the_server():
     """The client config carries server-data-fraction: a participant's data settings equal the server's."""
     for method in ("feddf", "heterofl", "fedavg"):
-        config = resolve_config({"method": method, "server-data-fraction": 0.05, "data-fraction": 0.05})
-        on_node = data_settings({**client_config(config)})
-        assert on_node == data_settings(config) and on_node.server_fraction == 0.05
+        config = RunConfig.from_mapping({"method": method, "server-data-fraction": 0.05, "data-fraction": 0.05})
+        record = client_config(config)
+        record[SERVER_ROUND] = 1
+        on_node = TrainInstructions.from_record(record).data
+        assert on_node == config.data and on_node.server_fraction == 0.05
         _, held = server_split(60000, 0.05, 0.05, 0)
         x, _ = load_partition(on_node, 0, 3).tensors
         server_x, _ = load_server_set(on_node).tensors
@@ -127,7 +124,7 @@ def hand_made_round(
         kwargs.update(make_model=partial(build_model, "cnn", classifier_scaling=True), server_set=server_set, distill=distill)
     strategy = strategy_cls(spec, StaticPrefix(), Budgets(0.5, (0.5, 1.0)), **kwargs)
     grid = LoopbackGrid(2)
-    messages = strategy.configure_train(1, ArrayRecord(global_model.state_dict()), client_config(resolve_config()), grid)
+    messages = strategy.configure_train(1, ArrayRecord(global_model.state_dict()), client_config(RunConfig()), grid)
     replies, models = [], []
     for message in messages:
         plan, _ = decode_plan(message.content.config_records[PLAN])
@@ -217,7 +214,7 @@ def test_distillation_never_reads_labels():
 @pytest.mark.parametrize("enabled", [True, False])
 def test_feddf_teachers_are_built_as_the_participants_trained_them(enabled):
     """The server rebuilds each teacher with the run's classifier-scaler: head Scaler rate r when true, 1 when false."""
-    config = resolve_config({**FEDDF, "classifier-scaler": enabled})
+    config = RunConfig.from_mapping({**FEDDF, "classifier-scaler": enabled})
     server_set = TensorDataset(server_inputs(8), torch.zeros(8, dtype=torch.long))
     strategy = make_strategy(config, SplitSpec.from_model(build_model("cnn")), server_set=server_set)
     teacher = strategy.make_model(SMALL, 0.25)
@@ -227,7 +224,7 @@ def test_feddf_teachers_are_built_as_the_participants_trained_them(enabled):
 
 def test_feddf_sends_heterofl_sub_models_sized_by_the_budgets():
     """Participants get static-prefix slices at their budget and plain cross-entropy."""
-    config = resolve_config({**FEDDF, "budgets": "0.25,0.5,1.0"})
+    config = RunConfig.from_mapping({**FEDDF, "budgets": "0.25,0.5,1.0"})
     global_model = build_model("cnn")
     server_set = TensorDataset(server_inputs(8), torch.zeros(8, dtype=torch.long))
     strategy = make_strategy(config, SplitSpec.from_model(global_model), server_set=server_set)

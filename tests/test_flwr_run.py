@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from msfusion_flwr.reporting import CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, read_metrics
+from msfusion_flwr.server.reporting import CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, read_metrics
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process cleanup reads /proc")
 

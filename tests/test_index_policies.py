@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.index_policies import DoubleShift
+from msfusion_flwr.engine.policies import DoubleShift
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

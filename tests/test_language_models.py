@@ -9,14 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from msfusion_flwr.apps import POLICIES
-from msfusion_flwr.config import resolve_config
-from msfusion_flwr.index_policies import PlanRequest
-from msfusion_flwr.language_models import HEAD_DIM, NUM_LAYERS, CausalSelfAttention
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.device.losses import representation
+from msfusion_flwr.device.training import TrainSettings, train_local
+from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
+from msfusion_flwr.engine.policies import PlanRequest
 from msfusion_flwr.models import build_model
-from msfusion_flwr.participant import representation
-from msfusion_flwr.splitting import SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
-from msfusion_flwr.training import TrainSettings, evaluate, token_cross_entropy, train_local
+from msfusion_flwr.models.evaluation import evaluate, token_cross_entropy
+from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, CausalSelfAttention
+from msfusion_flwr.server.methods import POLICIES
 
 VOCAB, LENGTH = 50, 12
 LM_KWARGS = {"vocab_size": VOCAB, "max_len": LENGTH}
@@ -34,10 +35,10 @@ def sub_model(name: str, global_model: nn.Module, plan: dict[str, Tensor], rate:
 
 
 def policy_plan(method: str, name: str, rate: float = 0.25, rank: int = 3) -> dict[str, Tensor]:
-    config = resolve_config({"method": method, "model": name, "dataset": "wikitext-2", "partitioner": "iid"})
+    config = RunConfig.from_mapping({"method": method, "model": name, "dataset": "wikitext-2", "partitioner": "iid"})
     widths = build_model(name, **LM_KWARGS).FULL_WIDTHS  # type: ignore[attr-defined]
     request = PlanRequest(widths=widths, ratio=rate, rank=rank, num_participants=10, server_round=4, partition_id=rank)
-    return POLICIES[method](config).assign(request).plan
+    return POLICIES[method](config.method).assign(request).plan
 
 
 def test_sliced_attention_block_at_full_width_equals_the_full_block_exactly():

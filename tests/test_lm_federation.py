@@ -10,15 +10,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from msfusion_flwr import participant
-from msfusion_flwr.apps import POLICIES, global_widths, make_strategy, run_experiment
-from msfusion_flwr.config import data_settings, resolve_config
+from msfusion_flwr.apps import run_experiment
+from msfusion_flwr.config import RunConfig
 from msfusion_flwr.data import model_kwargs
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr.device import participant
+from msfusion_flwr.engine import SplitSpec
+from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, client_config
-from msfusion_flwr.reporting import read_metrics
-from msfusion_flwr.splitting import SplitSpec
+from msfusion_flwr.server.methods import POLICIES, global_widths, make_strategy
+from msfusion_flwr.server.reporting import read_metrics
 
 
 def write_corpus(folder: Path, seed: int = 0) -> str:
@@ -53,8 +54,8 @@ def lm_config(corpus_dir: str, **overrides) -> dict:
 @pytest.mark.parametrize("method", ["fedavg", "feddf", *sorted(POLICIES)])
 def test_every_method_trains_an_lm_round_through_the_real_handlers(corpus_dir, method, model):
     """Every participant's reply passes the checks and is aggregated (MSfusion: also round 2, with its contrastive term)."""
-    config = resolve_config(lm_config(corpus_dir, method=method, model=model))
-    kwargs = model_kwargs(data_settings(config))
+    config = RunConfig.from_mapping(lm_config(corpus_dir, method=method, model=model))
+    kwargs = model_kwargs(config.data)
     global_model = build_model(model, global_widths(config), **kwargs)
     strategy = make_strategy(config, SplitSpec.from_model(global_model))
     grid = LoopbackGrid(3)

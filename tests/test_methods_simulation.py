@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfusion_flwr.apps import POLICIES, run_experiment
+from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.models import build_model
-from msfusion_flwr.reporting import MODEL_FILE, read_metrics
+from msfusion_flwr.server.methods import POLICIES
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
 
 @pytest.mark.parametrize("method", sorted(set(POLICIES) - {"msfusion"}))

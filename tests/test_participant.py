@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
-from msfusion_flwr import models, participant
-from msfusion_flwr.apps import make_strategy
-from msfusion_flwr.config import resolve_config
-from msfusion_flwr.loopback import LoopbackGrid
+from msfusion_flwr import models
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.device import participant
+from msfusion_flwr.engine import SplitSpec
+from msfusion_flwr.experiments.loopback import LoopbackGrid
+from msfusion_flwr.models import registry
 from msfusion_flwr.protocol import ARRAYS, METRICS, PLAN, client_config, decode_plan
-from msfusion_flwr.splitting import SplitSpec
+from msfusion_flwr.server.methods import make_strategy
 
 
 def round_messages(config: dict, grid: LoopbackGrid, server_round: int, state: dict) -> dict:
-    resolved = resolve_config(config)
+    resolved = RunConfig.from_mapping(config)
     strategy = make_strategy(resolved, SplitSpec.from_model(models.build_model("cnn")))
     messages = strategy.configure_train(server_round, ArrayRecord(state), client_config(resolved), grid)
     return {m.metadata.dst_node_id: m for m in messages}
@@ -33,7 +35,7 @@ def test_participant_trains_a_narrow_model_and_never_builds_the_full_one(monkeyp
     full_params = sum(p.numel() for p in full.parameters())
     grid = LoopbackGrid(4)
     config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid"}
-    monkeypatch.setattr(participant, "build_model", recording_build)
+    monkeypatch.setattr(registry, "build_model", recording_build)
     for server_round in (1, 2):  # round 2 also rebuilds the previous sub-model for z_p
         messages = round_messages(config, grid, server_round, full.state_dict())
         message = messages[1]
@@ -75,7 +77,7 @@ def test_participant_builds_its_model_with_the_configured_classifier_scaler(monk
         built.append(real_build(name, widths, rate, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(participant, "build_model", recording_build)
+    monkeypatch.setattr(registry, "build_model", recording_build)
     full = real_build("cnn").state_dict()
     for enabled, expected_rate in ((True, 0.25), (False, 1.0)):
         built.clear()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msfusion_flwr.index_policies import DoubleShift
+from msfusion_flwr.engine import SplitSpec, flat_positions, plan_widths, slice_state
+from msfusion_flwr.engine.policies import DoubleShift
 from msfusion_flwr.models import MODELS, PreResNet18, build_model
-from msfusion_flwr.splitting import SplitSpec, flat_positions, plan_widths, slice_state
 
 RATE = 0.25
 

@@ -7,11 +7,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.config import DEFAULTS
-from msfusion_flwr.index_policies import DoubleShift
+from msfusion_flwr.config import DEFAULTS, RunConfig
+from msfusion_flwr.engine.policies import DoubleShift
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import (
     CLIENT_KEYS,
+    SERVER_ROUND,
+    SPLIT_RATE,
+    STATE_TAG,
+    TrainInstructions,
     array_bytes,
     client_config,
     decode_plan,
@@ -114,7 +118,22 @@ def test_array_bytes_of_cnn_and_messages():
 
 
 def test_client_config_carries_client_keys():
-    """client_config copies exactly the keys a ClientApp needs, with their values."""
-    record = client_config(DEFAULTS)
-    assert set(record) == set(CLIENT_KEYS)
+    """client_config copies exactly the keys a ClientApp needs, with their values, and tags them with the run."""
+    record = client_config(RunConfig())
+    assert set(record) == set(CLIENT_KEYS) | {STATE_TAG}
     assert all(record[k] == DEFAULTS[k] for k in CLIENT_KEYS)
+    assert record[STATE_TAG] == RunConfig().fingerprint()
+
+
+def test_a_participant_reads_the_server_config_back_typed():
+    """TrainInstructions from a train message's record equal the server's typed sections, for changed values too."""
+    run = RunConfig.from_mapping({"dataset": "wikitext-2", "model": "gpt2", "partitioner": "contiguous",
+                                  "learning-rate": 1, "seq-len": 32, "classifier-scaler": False,
+                                  "dropout-rate": 0.25, "round-timeout": 9, "participant-state-dir": "/tmp/s"})
+    record = client_config(run)
+    record[SERVER_ROUND], record[SPLIT_RATE] = 3, 0.5
+    got = TrainInstructions.from_record(record)
+    assert (got.model, got.data, got.local, got.faults) == (run.model, run.data, run.local, run.faults)
+    assert got.local.learning_rate == 1.0 and isinstance(got.local.learning_rate, float)
+    assert (got.round_timeout, got.participant_state_dir, got.server_round, got.split_rate) == (9.0, "/tmp/s", 3, 0.5)
+    assert got.state_tag == run.fingerprint()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from msfusion_flwr.reporting import CURVES_FILE, RunReporter, plot_curves, read_metrics, round_line
+from msfusion_flwr.server.reporting import CURVES_FILE, RunReporter, plot_curves, read_metrics, round_line
 
 
 def row(t, accuracy, loss, **extra):

@@ -6,15 +6,15 @@ import numpy as np
 import torch
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
+from run_rows import strip_timing
 
-from msfusion_flwr import participant
 from msfusion_flwr.apps import run_experiment
-from msfusion_flwr.index_policies import DoubleShift
+from msfusion_flwr.device import participant
+from msfusion_flwr.engine import SplitSpec, flat_positions
+from msfusion_flwr.engine.policies import DoubleShift
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, METRICS
-from msfusion_flwr.reporting import MODEL_FILE, read_metrics
-from msfusion_flwr.splitting import SplitSpec, flat_positions
-from run_rows import strip_timing
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
 QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "partitioner": "iid", "eval-every": 100, "seed": 3}
 

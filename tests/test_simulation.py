@@ -10,7 +10,7 @@ import torch
 from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import array_bytes
-from msfusion_flwr.reporting import CONFIG_FILE, CURVES_FILE, MODEL_FILE, read_metrics
+from msfusion_flwr.server.reporting import CONFIG_FILE, CURVES_FILE, MODEL_FILE, read_metrics
 
 QUICK = {
     "data-fraction": 0.1,

@@ -16,9 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.index_policies import DoubleShift
-from msfusion_flwr.models import build_model
-from msfusion_flwr.splitting import (
+from msfusion_flwr.engine import (
     Axis,
     SplitSpec,
     SubmodelUpdate,
@@ -28,6 +26,8 @@ from msfusion_flwr.splitting import (
     plan_widths,
     slice_state,
 )
+from msfusion_flwr.engine.policies import DoubleShift
+from msfusion_flwr.models import build_model
 
 FULL = {"conv1": 64, "conv2": 128, "conv3": 256, "fc": 512}
 

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from msfusion_flwr import data as data_mod
-from msfusion_flwr import text_data as td
 from msfusion_flwr.data import (
     DataSettings,
     DataUnavailableError,
@@ -27,8 +25,9 @@ from msfusion_flwr.data import (
     load_test_set,
     model_kwargs,
     partition_indices,
-    training_subset,
 )
+from msfusion_flwr.data import wikitext as td
+from msfusion_flwr.data.partitioning import training_subset
 
 REAL_WIKITEXT = Path("/work/shared/data/wikitext-2")
 SEQ_LEN = 16

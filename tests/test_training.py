@@ -13,16 +13,10 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from msfusion_flwr.device.losses import Representation, contrastive_loss, embed_features
+from msfusion_flwr.device.training import TrainSettings, frozen_copy, train_local
 from msfusion_flwr.models import build_model
-from msfusion_flwr.training import (
-    Representation,
-    TrainSettings,
-    contrastive_loss,
-    embed_features,
-    evaluate,
-    frozen_copy,
-    train_local,
-)
+from msfusion_flwr.models.evaluation import evaluate
 
 
 def cos(a: list[float], b: list[float]) -> float:

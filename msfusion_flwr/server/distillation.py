@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +31,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import Scaler
-from .training import EVAL_BATCH_SIZE
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Server-side distillation hyper-parameters (``distill-*`` run-config keys)."""
-
-    steps: int = 50
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    temperature: float = 1.0
+from ..config import DistillSettings
+from ..models.evaluation import EVAL_BATCH_SIZE
+from ..models.layers import Scaler
 
 
 def unlabeled_inputs(dataset: Dataset) -> Tensor:
@@ -54,7 +44,7 @@ def unlabeled_inputs(dataset: Dataset) -> Tensor:
 
 
 def teacher_mode(model: nn.Module) -> nn.Module:
-    """Eval mode, except the HeteroFL :class:`~msfusion_flwr.models.Scaler`s, which stay on.
+    """Eval mode, except the HeteroFL :class:`~msfusion_flwr.models.layers.Scaler`s, which stay on.
 
     A narrow participant model trained with its activations divided by its rate
     r; with the scalers off (plain eval mode) its logits would shrink by about r

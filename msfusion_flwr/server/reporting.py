@@ -18,7 +18,7 @@ Every run writes to its output directory:
   ``distill_time_s`` and ``distill_flops``; empty for other methods);
 * ``global_model.pt``: the final global model's state dict;
 * ``checkpoint.pt``: with ``checkpoint-every`` > 0, the state to resume from
-  (see :mod:`msfusion_flwr.checkpoint`);
+  (see :mod:`msfusion_flwr.server.checkpoint`);
 * ``curves.png``: accuracy (perplexity, on a log scale, for language-model
   runs) and loss of the global model against the round.
 """
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 from flwr.supercore import log
+
+from ..config import RunConfig
 
 METRICS_FILE, CONFIG_FILE, MODEL_FILE, CURVES_FILE = "metrics.jsonl", "config.json", "global_model.pt", "curves.png"
 
@@ -108,7 +110,7 @@ class RunReporter:
     def __init__(
         self,
         output_dir: str | Path,
-        config: Mapping[str, Any],
+        run: RunConfig,
         resume_round: int | None = None,
         cumulative_totals: Mapping[int, Mapping[str, float]] | None = None,
     ) -> None:
@@ -120,12 +122,12 @@ class RunReporter:
         """
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.num_rounds = int(config["num-server-rounds"])
+        self.num_rounds = run.federation.num_server_rounds
         self.cumulative = CumulativeCosts()
         self._start = time.perf_counter()
         metrics = self.output_dir / METRICS_FILE
         if resume_round is None:
-            (self.output_dir / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+            (self.output_dir / CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
             metrics.write_text("")
         else:
             lines = metrics.read_text().splitlines() if metrics.exists() else []

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from . import participant
+from ..device import participant
 
 
 def set_task_identity() -> None:

@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import IGNORED_ON_RESUME, comparable, resume_state
-from .config import METHODS, ConfigError, resolve_config, with_defaults
-from .reporting import CONFIG_FILE, METRICS_FILE, read_metrics
+from ..config import IGNORED_ON_RESUME, METHODS, ConfigError, RunConfig, comparable, with_defaults
+from ..server.checkpoint import resume_state
+from ..server.reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
 PARTICIPANT_STATE_DIR = "participant-state"
@@ -98,6 +98,11 @@ class RunSpec:
 
     def output_dir(self, results_dir: Path) -> Path:
         return results_dir / RUNS_DIR / self.run_id
+
+    @property
+    def run(self) -> RunConfig:
+        """The run's config, resolved (before the harness says where it writes)."""
+        return RunConfig.from_mapping(self.config)
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -164,7 +169,7 @@ def expand(matrix: Matrix) -> list[RunSpec]:
             config["min-available-nodes"] = num_supernodes
             varying = {k: v for k, v in labels.items() if k != "variant" and (len(matrix.axes.get(k, [])) > 1 or k in point)}
             run_id = "__".join([_slug(variant)] + [f"{_slug(k)}={_slug(v)}" for k, v in sorted(varying.items())])
-            resolve_config(config)  # fail before any run starts
+            RunConfig.from_mapping(config)  # fail before any run starts
             specs.append(RunSpec(run_id, variant, num_supernodes, config, labels))
     ids = [s.run_id for s in specs]
     if len(set(ids)) != len(ids):
@@ -190,17 +195,17 @@ def select(specs: Sequence[RunSpec], only: Iterable[str]) -> list[RunSpec]:
     return [s for s in specs if all(key in s.labels and _slug(s.labels[key]) == v for key, v in wanted.items())]
 
 
-def run_config(spec: RunSpec, results_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """The resolved config ``spec`` runs with: its own, writing into its folder.
+def run_config(spec: RunSpec, results_dir: Path, resume: bool = False) -> RunConfig:
+    """The config ``spec`` runs with: its own, writing into its folder.
 
     A checkpointing run also keeps its participants' state in that folder, so
     a resume continues exactly and runs never share state files.
     """
     out = spec.output_dir(results_dir).resolve()
-    config = {**spec.config, "output-dir": str(out), "resume": resume}
-    if int(resolve_config(config)["checkpoint-every"]) > 0 and not config.get("participant-state-dir"):
-        config["participant-state-dir"] = str(out / PARTICIPANT_STATE_DIR)
-    return resolve_config(config)
+    run = spec.run.with_outputs(output_dir=str(out), resume=resume)
+    if run.outputs.checkpoint_every > 0 and not run.outputs.participant_state_dir:
+        run = run.with_outputs(participant_state_dir=str(out / PARTICIPANT_STATE_DIR))
+    return run
 
 
 def is_complete(spec: RunSpec, results_dir: Path) -> bool:
@@ -216,8 +221,8 @@ def is_complete(spec: RunSpec, results_dir: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     expected = run_config(spec, results_dir)
-    same = comparable(with_defaults(stored), EXECUTION_KEYS) == comparable(expected, EXECUTION_KEYS)
-    return same and bool(rows) and rows[-1]["round"] == expected["num-server-rounds"]
+    same = comparable(with_defaults(stored), EXECUTION_KEYS) == comparable(expected.to_dict(), EXECUTION_KEYS)
+    return same and bool(rows) and rows[-1]["round"] == expected.federation.num_server_rounds
 
 
 def can_resume(spec: RunSpec, results_dir: Path) -> bool:
@@ -255,10 +260,10 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
     """Run every spec not complete yet; returns the ones that ran."""
     from tqdm.auto import tqdm
 
-    from .apps import run_experiment
+    from ..apps import run_experiment
 
     pending = [s for s in specs if not is_complete(s, results_dir)]
-    total_rounds = sum(int(resolve_config(s.config)["num-server-rounds"]) for s in pending)
+    total_rounds = sum(s.run.federation.num_server_rounds for s in pending)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not verbose:
@@ -274,7 +279,7 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
                 watcher = _RoundWatcher(out / METRICS_FILE, bar)
                 watcher.start()
                 try:
-                    run_experiment(run_config(spec, results_dir, resume), num_supernodes=spec.num_supernodes)
+                    run_experiment(run_config(spec, results_dir, resume).to_dict(), num_supernodes=spec.num_supernodes)
                 finally:
                     watcher.stop.set()
                     watcher.join()
@@ -317,8 +322,8 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
     evaluated = [r for r in rows if r.get(metric) is not None]
     trained = [r for r in rows if r["round"] > 0]
     summary: dict[str, Any] = {"run_id": spec.run_id, "variant": spec.variant, **{k: v for k, v in spec.labels.items() if k != "variant"}}
-    config = resolve_config(spec.config)
-    summary.update({"method": config["method"], "split-ratio": config["split-ratio"], "rounds": config["num-server-rounds"]})
+    run = spec.run
+    summary.update({"method": run.method.name, "split-ratio": run.method.split_ratio, "rounds": run.federation.num_server_rounds})
     summary[f"final_{metric}"] = evaluated[-1][metric] if evaluated else None
     best = max if higher_is_better else min
     summary[f"best_{metric}"] = best((r[metric] for r in evaluated), default=None)

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .splitting import IndexPlan
+from .groups import IndexPlan
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Models with declared width groups, buildable at any width.
+"""Image classifiers with declared width groups, buildable at any width.
 
 Every model here
 
@@ -13,7 +13,8 @@ Every model here
   per group unit) and its kind of input in ``input_kind`` (``"image"`` or
   ``"text"``); ``eval_batch_size`` is its server-side evaluation batch.
 
-The language models live in :mod:`msfusion_flwr.language_models`.
+The language models live in :mod:`msfusion_flwr.models.language`; the registry
+that run configs name models by, in :mod:`msfusion_flwr.models.registry`.
 
 Sliced training needs normalisation that does not depend on the width the
 global model is evaluated at: BatchNorm uses batch statistics (no running
@@ -27,11 +28,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .language_models import GPT2LM, TransformerLM
+from ..engine.groups import GroupDecl
 from .layers import Scaler, classifier_scaler
-from .splitting import GroupDecl
-
-__all__ = ["MODELS", "FashionCNN", "GPT2LM", "PreResNet18", "Scaler", "TransformerLM", "build_model", "model_class"]
 
 
 def _conv_block(cin: int, cout: int, rate: float, stride: int = 1) -> list[nn.Module]:
@@ -220,28 +218,3 @@ class PreResNet18(ImageClassifier):
 
     def classify(self, z: Tensor) -> Tensor:
         return self.head(self.head_scaler(z))
-
-
-MODELS: dict[str, type[nn.Module]] = {
-    "cnn": FashionCNN,
-    "preresnet18": PreResNet18,
-    "transformer": TransformerLM,
-    "gpt2": GPT2LM,
-}
-
-
-def model_class(name: str) -> type[nn.Module]:
-    """The model class registered as ``name``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name]
-
-
-def build_model(
-    name: str,
-    widths: Mapping[str, int] | None = None,
-    rate: float = 1.0,
-    **kwargs: int,
-) -> nn.Module:
-    """Instantiate model ``name`` at ``widths`` (full width when None)."""
-    return model_class(name)(widths=widths, rate=rate, **kwargs)

@@ -10,7 +10,7 @@ Sources
     of the text per row in column ``text``). ``train-split`` (``"train"`` or
     ``"valid"``) names the text participants and server train on; the test
     text is always the ``test`` split. A missing folder, file or Hub is a
-    one-line :class:`~msfusion_flwr.data.DataUnavailableError`.
+    one-line :class:`~msfusion_flwr.data.settings.DataUnavailableError`.
 
 Tokenisation (as PyTorch's ``word_language_model`` example)
     Every non-blank line becomes ``line.split() + ["<eos>"]``; blank lines are
@@ -40,7 +40,7 @@ Sequences
 
 Partitions (over sequence indices, in an in-memory ``datasets.Dataset``)
     ``data-fraction`` and ``server-data-fraction`` act on the sequences exactly
-    as on images (:func:`~msfusion_flwr.data.server_split`): a seeded subset,
+    as on images (:func:`~msfusion_flwr.data.partitioning.server_split`): a seeded subset,
     less a seeded server slice that is in no partition. The rest goes through
     flwr-datasets' ``IidPartitioner``, whose ``load_partition`` is
     ``dataset.shard(num_partitions, pid, contiguous=True)``: equal-size
@@ -59,23 +59,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .data import DataUnavailableError, _one_line, server_split
-
-if TYPE_CHECKING:
-    from .data import DataSettings
+from .partitioning import server_split
+from .settings import TEXT_PARTITIONERS, DataSettings, DataUnavailableError, one_line
 
 UNK, EOS = "<unk>", "<eos>"
 UNK_ID, EOS_ID = 0, 1
 SPECIAL_TOKENS = (UNK, EOS)
 """The vocabulary's first entries, at ids ``UNK_ID`` and ``EOS_ID``."""
 TRAIN_SPLITS = ("train", "valid")
-TEXT_PARTITIONERS = ("iid", "contiguous")
 FILE_NAMES = {split: (f"{split}.txt", f"wiki.{split}.tokens") for split in ("train", "valid", "test")}
 """Candidate file names of each split in ``data-dir``, first found wins."""
 HUB_ID = "Salesforce/wikitext"
@@ -207,7 +203,7 @@ def read_hub_lines(hub_id: str, split: str, cache_dir: str | None = None) -> lis
     except Exception as exc:  # network, missing repository/config/split/column: all mean "no data here"
         raise DataUnavailableError(
             f"{DATASET_NAME} could not be loaded from the Hugging Face Hub ({hub_id}, {HUB_CONFIG}, "
-            f"split {HUB_SPLITS[split]}) ({_one_line(exc)}); set data-dir to a folder holding "
+            f"split {HUB_SPLITS[split]}) ({one_line(exc)}); set data-dir to a folder holding "
             "train.txt/valid.txt/test.txt or wiki.{train,valid,test}.tokens"
         ) from None
 
@@ -334,3 +330,18 @@ def load_server_set(settings: DataSettings) -> TensorDataset:
 def vocabulary_size(settings: DataSettings) -> int:
     """Entries of the vocabulary, special tokens included."""
     return len(corpus(settings).vocab)
+
+
+def training_examples(settings: DataSettings, rows: np.ndarray) -> TensorDataset:
+    """The training sequences ``rows`` (the data package's common name for :func:`load_sequences`)."""
+    return load_sequences(settings, rows)
+
+
+def test_set(settings: DataSettings) -> TensorDataset:
+    """Every full window of the test text (:func:`load_test_set`)."""
+    return load_test_set(settings)
+
+
+def server_set(settings: DataSettings) -> TensorDataset:
+    """The server's held-out training sequences (:func:`load_server_set`)."""
+    return load_server_set(settings)

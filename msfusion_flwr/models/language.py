@@ -1,6 +1,6 @@
 """Causal language models with declared width groups.
 
-Two models, one protocol (that of :mod:`msfusion_flwr.models`: a ``widths`` /
+Two models, one protocol (that of :mod:`msfusion_flwr.models.vision`: a ``widths`` /
 ``rate`` constructor, ``FULL_WIDTHS``, ``width_group_decls()``,
 ``feature_group``, ``features(x)`` and ``outputs(x) -> (logits, features)``):
 
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.groups import INPUT_RULES, OUTPUT_RULES, GroupDecl
 from .layers import Scaler, classifier_scaler
-from .splitting import INPUT_RULES, OUTPUT_RULES, GroupDecl
 
 HEAD_DIM = 32
 """Channels per attention head (never split)."""

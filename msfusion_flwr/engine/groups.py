@@ -1,19 +1,17 @@
-"""Width groups and the splitting engine.
+"""Width groups: what of a model can be split, and where each group's units sit.
 
 A model declares its splittable hidden dimensions as *width groups*. A group of
 width K names every tensor axis indexed by that dimension (conv out-channels and
-the next layer's in-channels, norm parameters, ...). An *index plan* picks, for
-every group, the units a participant holds. From groups and a plan this module
+the next layer's in-channels, norm parameters, ...). Models declare groups at
+module level as :class:`GroupDecl` (which modules produce and which consume the
+group's units), resolved through per-module-type axis rules into
+:class:`Axis` lists; :class:`SplitSpec` checks them against the model's state
+dict and maps an index plan (the units a participant holds) to positions along
+every split tensor axis. Nothing here knows about a particular model; a graph
+tracer could emit the same ``GroupDecl`` lists automatically.
 
-* slices a global state dict into the sub-model's (smaller, real) tensors, and
-* fuses sub-model states back, averaging every global element over the
-  participants whose slice held it (overlap-aware aggregation).
-
-Nothing here knows about a particular model: models only declare groups, either
-directly as :class:`Axis` lists or, more conveniently, as :class:`GroupDecl`
-(which modules produce and which consume the group's units), resolved through
-per-module-type axis rules. A graph tracer could emit the same ``GroupDecl``
-lists automatically; the engine would not change.
+The rest of the engine: :mod:`.policies` plans which units each participant
+holds, :mod:`.slicing` cuts sub-models, :mod:`.fusion` fuses them back.
 """
 
 from __future__ import annotations
@@ -204,79 +202,3 @@ def axis_positions(axis: Axis, width: int, units: Tensor) -> Tensor:
     blocks = torch.arange(axis.blocks) * (width * axis.unit)
     grid = blocks[:, None, None] + units[None, :, None] * axis.unit + offsets[None, None, :]
     return grid.reshape(-1)
-
-
-def plan_widths(plan: Mapping[str, Tensor]) -> dict[str, int]:
-    """Width of each group in a plan's sub-model."""
-    return {name: int(idx.numel()) for name, idx in plan.items()}
-
-
-def slice_state(
-    state: Mapping[str, Tensor], spec: SplitSpec, plan: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """The sub-model's state: every split tensor indexed down to the plan's units."""
-    positions = spec.positions(plan)
-    sub = {}
-    for key, tensor in state.items():
-        for dim, pos in positions.get(key, ()):
-            tensor = tensor.index_select(dim, pos)
-        sub[key] = tensor.contiguous()
-    return sub
-
-
-def flat_positions(shape: Sequence[int], dim_positions: Sequence[tuple[int, Tensor]]) -> Tensor:
-    """Flat (row-major) indices into a tensor of ``shape`` of its sliced elements.
-
-    The result has the sub-tensor's shape: element ``e`` of the slice sits at
-    ``flat[e]`` of the flattened full tensor.
-    """
-    per_dim = [torch.arange(n) for n in shape]
-    for dim, pos in dim_positions:
-        per_dim[dim] = pos
-    strides = torch.ones(len(shape), dtype=torch.long)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    flat = torch.zeros((), dtype=torch.long)
-    for d, idx in enumerate(per_dim):
-        view = [1] * len(shape)
-        view[d] = -1
-        flat = flat + idx.view(view) * strides[d]
-    return flat
-
-
-@dataclass(frozen=True)
-class SubmodelUpdate:
-    """A participant's trained sub-model, the plan it was cut with and its weight."""
-
-    plan: Mapping[str, Tensor]
-    state: Mapping[str, Tensor]
-    weight: float
-
-
-def aggregate(
-    global_state: Mapping[str, Tensor], spec: SplitSpec, updates: Sequence[SubmodelUpdate]
-) -> dict[str, Tensor]:
-    """Overlap-aware aggregation of sub-models into the global state.
-
-    Every element becomes ``sum_k n_k v_k / sum_k n_k`` over the updates whose
-    slice held it; elements held by no update keep their value. Sums run in
-    float64 with ``index_add_`` on flat indices (no per-element Python loop).
-    """
-    positions = [spec.positions(u.plan) for u in updates]
-    merged = {}
-    for key, current in global_state.items():
-        numel = current.numel()
-        total = torch.zeros(numel, dtype=torch.float64)
-        weight = torch.zeros(numel, dtype=torch.float64)
-        for update, pos in zip(updates, positions, strict=True):
-            flat = flat_positions(current.shape, pos.get(key, ())).reshape(-1)
-            values = update.state[key].reshape(-1).to(torch.float64)
-            total.index_add_(0, flat, values * update.weight)
-            weight.index_add_(0, flat, torch.full((flat.numel(),), float(update.weight), dtype=torch.float64))
-        held = weight > 0
-        out = current.reshape(-1).to(torch.float64).clone()
-        out[held] = total[held] / weight[held]
-        if not current.is_floating_point():
-            out = out.round()
-        merged[key] = out.view(current.shape).to(current.dtype)
-    return merged

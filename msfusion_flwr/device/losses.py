@@ -1,0 +1,60 @@
+"""MSfusion's contrastive loss, on representations placed in the global feature space.
+
+    l_con = -log( exp(cos(z, z_g)/tau) / (exp(cos(z, z_g)/tau) + exp(cos(z, z_p)/tau)) )
+
+``z``: representation of the sub-model being trained; ``z_g``: the same input
+through a frozen copy of the sub-model as received this round; ``z_p``: through
+the participant's own sub-model as it left its previous round. Sub-models of
+different rounds hold different units, so every representation is placed in the
+global feature space (zeros at units the sub-model does not hold) before the
+cosine is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.groups import Axis, axis_positions
+
+
+@dataclass
+class Representation:
+    """A model whose ``features`` live at ``feature_index`` of a ``width``-unit space."""
+
+    model: nn.Module
+    feature_index: Tensor
+    width: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Features of ``x`` scattered into the global feature space."""
+        z = self.model.features(x)  # type: ignore[operator]
+        return embed_features(z, self.feature_index, self.width)
+
+
+def representation(model: nn.Module, plan: Mapping[str, Tensor], widths: Mapping[str, int]) -> Representation:
+    """``model``'s features placed in the global feature space: its feature group's units
+    times ``feature_unit`` channels each (e.g. GPT-2's residual width counts heads)."""
+    group, unit = model.feature_group, model.feature_unit  # type: ignore[attr-defined]
+    index = axis_positions(Axis("features", 1, unit), widths[group], plan[group])
+    return Representation(model, index, widths[group] * unit)
+
+
+def embed_features(z: Tensor, feature_index: Tensor, width: int) -> Tensor:
+    """Place sub-model features (B, w) at their global units of a (B, width) tensor."""
+    if z.shape[1] == width and torch.equal(feature_index, torch.arange(width)):
+        return z
+    full = z.new_zeros(z.shape[0], width)
+    return full.index_copy(1, feature_index, z)
+
+
+def contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, temperature: float) -> Tensor:
+    """Model-contrastive loss, mean over the batch (see module docstring)."""
+    positive = F.cosine_similarity(z, z_global, dim=1) / temperature
+    negative = F.cosine_similarity(z, z_prev, dim=1) / temperature
+    logits = torch.stack([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long))

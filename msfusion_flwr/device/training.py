@@ -1,0 +1,118 @@
+"""Local training of a participant's sub-model: ``CE + mu * l_con``, one fresh optimizer per round.
+
+CE is over classes for images and over the next token at every position for
+language models (:func:`~msfusion_flwr.models.evaluation.token_cross_entropy`);
+``l_con`` is MSfusion's contrastive loss (:mod:`.losses`), used when the
+participant kept its previous round's sub-model and ``contrastive-weight`` > 0.
+The first steps are measured (:mod:`.metering`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import TrainSettings
+from ..models.evaluation import token_cross_entropy
+from .losses import Representation, contrastive_loss, embed_features
+from .metering import ResourceMeter, resident_tensors
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """SGD with momentum (``momentum`` key) or Adam, fresh every round, with ``weight_decay``."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=settings.learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that takes no gradients."""
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def _batches(loader: DataLoader, epochs: int) -> Iterator[tuple[Tensor, Tensor]]:
+    for _ in range(epochs):
+        for x, y in loader:
+            if len(y) > 1:  # BatchNorm on batch statistics needs two examples
+                yield x, y
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset,
+    settings: TrainSettings,
+    current: Representation,
+    previous: Representation | None,
+) -> dict[str, float]:
+    """Train ``model`` in place; returns mean losses, example count, cost and time.
+
+    ``current`` holds the feature placement of ``model``; its frozen copy is
+    ``z_g``. ``previous`` (the sub-model of this participant's last round) gives
+    ``z_p``; without it, or with ``contrastive_weight == 0``, only CE is used.
+    """
+    torch.manual_seed(settings.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    optimizer = make_optimizer(model, settings)
+    use_contrastive = settings.contrastive_weight > 0 and previous is not None
+    received = Representation(frozen_copy(model), current.feature_index, current.width)
+    models = [model, received.model] + ([previous.model] if use_contrastive else [])  # type: ignore[union-attr]
+    meter = ResourceMeter()
+    totals = {"ce": 0.0, "con": 0.0}
+
+    def step(x: Tensor, y: Tensor) -> None:
+        logits, z = model.outputs(x)  # type: ignore[operator]
+        ce = token_cross_entropy(logits, y)
+        del logits  # backward needs the log-softmax, not the logits: free them before the backward pass
+        loss = ce
+        if use_contrastive:
+            with torch.no_grad():
+                z_global, z_prev = received(x), previous(x)  # type: ignore[misc]
+            z_embedded = embed_features(z, current.feature_index, current.width)
+            con = contrastive_loss(z_embedded, z_global, z_prev, settings.contrastive_temperature)
+            loss = ce + settings.contrastive_weight * con
+            totals["con"] += con.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["ce"] += ce.item()
+
+    steps = examples = 0
+    start = time.perf_counter()
+    model.train()
+    for x, y in _batches(loader, settings.epochs):
+        if steps == 0:
+            resident = resident_tensors(models, optimizer, (x, y))
+            meter.count_flops(lambda: meter.track_memory(lambda: step(x, y), resident), len(y))
+        elif steps == 1:
+            meter.track_memory(lambda: step(x, y), resident_tensors(models, optimizer, (x, y)))
+        else:
+            step(x, y)
+        steps += 1
+        examples += len(y)
+    steps_or_one = max(steps, 1)
+    return {
+        "num-examples": float(len(dataset)),  # type: ignore[arg-type]
+        "train-loss": (totals["ce"] + settings.contrastive_weight * totals["con"]) / steps_or_one,
+        "train-ce": totals["ce"] / steps_or_one,
+        "train-contrastive": totals["con"] / steps_or_one,
+        "train-steps": float(steps),
+        "train-time-s": time.perf_counter() - start,
+        "trained-params": float(sum(p.numel() for p in model.parameters())),
+        "train-flops": meter.flops_per_example * examples,
+        "peak-memory-bytes": float(meter.peak_memory_bytes),
+    }

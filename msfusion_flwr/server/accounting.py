@@ -1,0 +1,84 @@
+"""What each round cost and who took part: per-round traffic, measured costs and failures, for any strategy."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import Message
+from flwr.supercore import log
+
+from ..protocol import METRICS, WEIGHT_KEY, message_array_bytes
+
+COST_METRICS = {
+    "trained-params": "trained_params",
+    "train-flops": "flops",
+    "peak-memory-bytes": "peak_memory_bytes",
+    "train-time-s": "train_time_s",
+}
+"""ClientApp metric -> metrics.jsonl name of the measured per-participant costs."""
+
+
+@dataclass
+class RoundTraffic:
+    """What one round cost and who took part.
+
+    ``costs`` holds one dict per accepted participant: ``partition_id``,
+    ``bytes_down``, ``bytes_up`` and the measured training costs (COST_METRICS).
+    ``server_costs`` holds the server's own training cost in the round (FedDF's
+    distillation: ``distill_time_s``, ``distill_flops``; empty for other methods).
+    """
+
+    sampled: int = 0
+    participants: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failures: list[str] = field(default_factory=list)
+    train_loss: float = math.nan
+    costs: list[dict[str, float]] = field(default_factory=list)
+    server_costs: dict[str, float] = field(default_factory=dict)
+    sent_bytes: dict[int, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def participant_cost(reply: Message, bytes_down: int) -> dict[str, float]:
+    """One accepted participant's measured cost in this round."""
+    metrics = reply.content[METRICS]
+    cost = {"partition_id": int(metrics["partition-id"]), "bytes_down": bytes_down, "bytes_up": message_array_bytes(reply)}
+    for metric, name in COST_METRICS.items():
+        cost[name] = float(metrics[metric]) if metric in metrics else math.nan
+    return cost
+
+
+class TrafficMeter:
+    """Per-round participants, array bytes, measured costs and failures, for any strategy."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, RoundTraffic] = {}
+
+    def sent(self, server_round: int, messages: Sequence[Message]) -> None:
+        """Record the train messages of a round."""
+        sent_bytes = {m.metadata.dst_node_id: message_array_bytes(m) for m in messages}
+        self.rounds[server_round] = RoundTraffic(
+            sampled=len(messages), bytes_down=sum(sent_bytes.values()), sent_bytes=sent_bytes
+        )
+
+    def received(self, server_round: int, accepted: Sequence[Message], failures: Sequence[str]) -> None:
+        """Record the accepted replies and the reasons others were left out."""
+        traffic = self.rounds.setdefault(server_round, RoundTraffic())
+        traffic.costs = sorted(
+            (participant_cost(m, traffic.sent_bytes.get(m.metadata.src_node_id, 0)) for m in accepted),
+            key=lambda c: c["partition_id"],
+        )
+        traffic.bytes_up = sum(int(c["bytes_up"]) for c in traffic.costs)
+        traffic.participants = [int(c["partition_id"]) for c in traffic.costs]
+        traffic.failures = list(failures)
+        weights = [float(m.content[METRICS][WEIGHT_KEY]) for m in accepted]
+        losses = [float(m.content[METRICS]["train-loss"]) for m in accepted]
+        if weights:
+            traffic.train_loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+        for reason in failures:
+            log(WARNING, "round %d: left out %s", server_round, reason)

@@ -1,0 +1,90 @@
+"""Method name -> strategy: Flower's FedAvg, or the partial-training engine with the method's index policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+from ..config import METHODS, MethodSettings, RunConfig
+from ..data import load_server_set, model_kwargs
+from ..engine.groups import SplitSpec
+from ..engine.policies import (
+    DoubleShift,
+    FullWidth,
+    IndexPolicy,
+    OrderedDropout,
+    RandomSubset,
+    RollingWindow,
+    StaticPrefix,
+    window_length,
+)
+from ..models import model_class, model_factory
+from .feddf import EnsembleDistillation
+from .nodes import Budgets
+from .strategy import MeteredFedAvg, SubmodelStrategy
+
+POLICIES: dict[str, Callable[[MethodSettings], IndexPolicy]] = {
+    "msfusion": lambda m: DoubleShift(
+        shift_step=m.shift_step,
+        overlap=m.overlap,
+        inter_participant=m.inter_participant_shift,
+    ),
+    "heterofl": lambda m: StaticPrefix(),
+    "fedrolex": lambda m: RollingWindow(),
+    "fd": lambda m: RandomSubset(),
+    "fjord": lambda m: OrderedDropout(levels=m.fjord_levels),
+    "fedavg-small": lambda m: FullWidth(),
+}
+"""Partial-training methods: the index policy each one runs over the engine."""
+
+DISTILLATION_METHODS: dict[str, str] = {"feddf": "heterofl"}
+"""Methods that fuse by ensemble distillation on the server slice (``server-data-fraction``),
+and the partial-training method (:data:`POLICIES`) whose participants they run:
+FedDF with heterogeneous widths trains HeteroFL's static-prefix sub-models."""
+
+FULL_MODEL_METHODS = ("fedavg",)
+"""Methods that run Flower's own strategy on the full model."""
+assert set(METHODS) == set(POLICIES) | set(DISTILLATION_METHODS) | set(FULL_MODEL_METHODS)
+
+
+def global_widths(run: RunConfig) -> dict[str, int] | None:
+    """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one."""
+    if run.method.name != "fedavg-small":
+        return None
+    full = model_class(run.model.name).FULL_WIDTHS  # type: ignore[attr-defined]
+    return {name: window_length(run.method.split_ratio, k) for name, k in full.items()}
+
+
+def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = None) -> SubmodelStrategy | MeteredFedAvg:
+    """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy.
+
+    Distillation methods (``feddf``) also get the server set: ``server_set``,
+    or else the run's server slice (:func:`~msfusion_flwr.data.load_server_set`).
+    """
+    method, federation = run.method, run.federation
+    if method.name == "fedavg":
+        return MeteredFedAvg(
+            fraction_train=federation.fraction_train,
+            min_train_nodes=1,
+            min_available_nodes=federation.min_available_nodes,
+        )
+    policy = POLICIES[DISTILLATION_METHODS.get(method.name, method.name)](method)
+    budgets = Budgets(method.split_ratio, method.budgets)
+    options = {
+        "fraction_train": federation.fraction_train,
+        "min_available_nodes": federation.min_available_nodes,
+        "seed": run.seed,
+        "query_timeout": federation.round_timeout,
+    }
+    if method.name in DISTILLATION_METHODS:
+        return EnsembleDistillation(
+            spec,
+            policy,
+            budgets,
+            make_model=model_factory(run.model, **model_kwargs(run.data)),
+            server_set=load_server_set(run.data) if server_set is None else server_set,
+            distill=run.distill,
+            **options,
+        )
+    return SubmodelStrategy(spec, policy, budgets, **options)

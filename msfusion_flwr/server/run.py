@@ -1,0 +1,125 @@
+"""One run on the server: build the global model and the strategy, run the rounds, write the outputs.
+
+:func:`run_server` is what the ServerApp runs once the boundary
+(:mod:`msfusion_flwr.apps`) has resolved the run config: the test set and the
+initial model (seeded), the method's strategy (:mod:`.methods`), the round
+loop (:mod:`.rounds`) with the global model evaluated every ``eval-every``
+rounds, a metrics row per round (:mod:`.reporting`), and checkpoints every
+``checkpoint-every`` rounds (:mod:`.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from ..config import RunConfig
+from ..data import load_test_set, model_kwargs
+from ..engine.groups import SplitSpec
+from ..models import build_model
+from ..models.evaluation import evaluate
+from ..protocol import client_config
+from .accounting import RoundTraffic, TrafficMeter
+from .checkpoint import restore_rng_states, resume_state, save_checkpoint
+from .methods import global_widths, make_strategy
+from .reporting import RunReporter
+from .rounds import run_rounds
+
+
+def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTraffic | None, wall_s: float) -> dict[str, Any]:
+    """One row of metrics.jsonl."""
+    traffic = traffic or RoundTraffic()
+    return {
+        "round": server_round,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "perplexity": metrics.get("perplexity"),
+        "participants": traffic.participants,
+        "bytes_down": traffic.bytes_down,
+        "bytes_up": traffic.bytes_up,
+        "train_loss": None if math.isnan(traffic.train_loss) else traffic.train_loss,
+        "failures": traffic.failures,
+        "per_participant": traffic.costs,
+        "server_costs": traffic.server_costs,
+        "wall_s": wall_s,
+    }
+
+
+def run_server(grid: Grid, run: RunConfig) -> Path:
+    """Train for ``num-server-rounds`` rounds and write the run's outputs.
+
+    With ``checkpoint-every`` > 0, writes a checkpoint every that many rounds;
+    with ``resume`` and a checkpoint in ``output-dir``, continues after its round.
+    """
+    checkpoint = resume_state(run)
+    random.seed(run.seed)
+    torch.manual_seed(run.seed)
+    test_set = load_test_set(run.data)
+    global_model = build_model(run.model.name, global_widths(run), **model_kwargs(run.data))
+    spec = SplitSpec.from_model(global_model)
+    strategy = make_strategy(run, spec)
+    meter: TrafficMeter = strategy.meter
+    federation, outputs = run.federation, run.outputs
+    first_round = 1
+    if checkpoint is None:
+        if outputs.resume:
+            log(INFO, "resume: no checkpoint in %s, starting from scratch", outputs.output_dir)
+        reporter = RunReporter(outputs.output_dir, run)
+    else:
+        first_round = int(checkpoint["round"]) + 1
+        global_model.load_state_dict(checkpoint["global_model"])
+        reporter = RunReporter(
+            outputs.output_dir, run, resume_round=first_round - 1, cumulative_totals=checkpoint["cumulative_totals"]
+        )
+        restore_rng_states(checkpoint["rng"])
+        log(INFO, "resume: continuing %s after round %d", reporter.output_dir, first_round - 1)
+    round_start = time.perf_counter()
+
+    def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal round_start
+        metrics: dict[str, float] = {}
+        if server_round % federation.eval_every == 0 or server_round == federation.num_server_rounds:
+            global_model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = evaluate(global_model, test_set)
+        traffic = meter.rounds.get(server_round)
+        started = traffic.started if traffic else round_start
+        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started))
+        round_start = time.perf_counter()
+        return MetricRecord(metrics) if metrics else None
+
+    def checkpoint_round(server_round: int, arrays: ArrayRecord) -> None:
+        if outputs.checkpoint_every > 0 and server_round % outputs.checkpoint_every == 0:
+            path = save_checkpoint(
+                reporter.output_dir,
+                server_round,
+                arrays.to_torch_state_dict(),
+                run,
+                profiles=getattr(strategy, "profiles", None),
+                cumulative_totals=reporter.cumulative.totals,
+            )
+            log(INFO, "checkpoint after round %d: %s", server_round, path)
+
+    final = run_rounds(
+        strategy,
+        grid,
+        ArrayRecord(global_model.state_dict()),
+        num_rounds=federation.num_server_rounds,
+        timeout=federation.round_timeout,
+        train_config=client_config(run),
+        evaluate_fn=on_round_end,
+        first_round=first_round,
+        after_round=checkpoint_round,
+    )
+    reporter.save_model(final.to_torch_state_dict())
+    reporter.plot_curves()
+    return reporter.output_dir

@@ -1,0 +1,196 @@
+"""Server-side strategies: partial training over the splitting engine, and metered FedAvg.
+
+``SubmodelStrategy`` runs every partial-training method (MSfusion and the
+baselines differ only in their index policy): it plans one sub-model per
+sampled participant at that participant's budget, sends each one its own
+message with only its slices, checks every reply against the plan sent to that
+node (:mod:`.replies`), and fuses the replies with overlap-aware aggregation
+(:mod:`msfusion_flwr.engine.fusion`). ``MeteredFedAvg`` is Flower's FedAvg,
+unchanged, with the same per-round accounting (:mod:`.accounting`). FedDF's
+subclass lives in :mod:`.feddf`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore import log
+
+from ..engine.fusion import SubmodelUpdate, aggregate
+from ..engine.groups import IndexPlan, SplitSpec
+from ..engine.policies import IndexPolicy, PlanRequest
+from ..engine.slicing import slice_state
+from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
+from .accounting import TrafficMeter
+from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
+from .replies import check_reply, training_metrics
+
+
+class SubmodelStrategy(Strategy):
+    """Partial training over the splitting engine: one index policy per method.
+
+    Each round: sample participants (seeded), rank them by partition id, ask
+    the policy for each one's plan at its budget, send each one only its
+    slices, check every reply against its plan, and fuse the accepted replies
+    with overlap-aware aggregation.
+    """
+
+    def __init__(
+        self,
+        spec: SplitSpec,
+        policy: IndexPolicy,
+        budgets: Budgets,
+        fraction_train: float = 1.0,
+        min_available_nodes: int = 2,
+        seed: int = 0,
+        query_timeout: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.budgets = budgets
+        self.fraction_train = fraction_train
+        self.min_available_nodes = min_available_nodes
+        self.seed = seed
+        self.nodes = NodeDirectory(query_timeout)
+        self.meter = TrafficMeter()
+        self._global: dict[str, torch.Tensor] = {}
+        self._plans: dict[int, IndexPlan] = {}
+        self._rates: dict[int, float] = {}
+        self._expected: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {}
+        self._accepted: list[Message] = []
+
+    def summary(self) -> None:
+        log(INFO, "\t├── policy %s, budgets %s", self.policy, self.budgets)
+        log(INFO, "\t├── width groups %s", self.spec.widths)
+        log(INFO, "\t└── fraction-train %.2f, min available nodes %d", self.fraction_train, self.min_available_nodes)
+
+    @property
+    def profiles(self) -> dict[int, NodeProfile]:
+        """The profiles of the nodes seen so far (node id -> profile)."""
+        return self.nodes.profiles
+
+    def profile(self, node: int) -> NodeProfile:
+        """A node's profile (:meth:`NodeDirectory.profile`)."""
+        return self.nodes.profile(node)
+
+    def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
+        """This round's participants, ordered by partition id (their rank).
+
+        A seeded sample of ``int(N * fraction-train)`` (at least one) of the N
+        connected nodes, so the same run config samples the same partitions.
+        """
+        nodes = wait_for_nodes(grid, self.min_available_nodes)
+        self.nodes.learn(grid, nodes)
+        ordered = sorted(nodes, key=self.nodes.rank_key)
+        size = max(1, int(len(ordered) * self.fraction_train))
+        rng = random.Random(f"{self.seed}:{server_round}")
+        return [ordered[i] for i in sorted(rng.sample(range(len(ordered)), size))]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per participant, carrying only its slices and its plan."""
+        participants = self.sample_participants(server_round, grid)
+        self._global = arrays.to_torch_state_dict()
+        self._plans, self._rates, self._expected = {}, {}, {}
+        messages = []
+        for rank, node in enumerate(participants):
+            profile = self.profile(node)
+            request = PlanRequest(
+                widths=self.spec.widths,
+                ratio=self.budgets.ratio(profile),
+                rank=rank,
+                num_participants=len(participants),
+                server_round=server_round,
+                partition_id=profile.partition_id,
+                seed=self.seed,
+            )
+            assignment = self.policy.assign(request)
+            sub_state = slice_state(self._global, self.spec, assignment.plan)
+            self._plans[node] = assignment.plan
+            self._rates[node] = assignment.rate
+            self._expected[node] = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in sub_state.items()}
+            train_config = ConfigRecord({**config, SERVER_ROUND: server_round, SPLIT_RATE: assignment.rate})
+            content = RecordDict(
+                {
+                    ARRAYS: ArrayRecord(sub_state),
+                    CONFIG: train_config,
+                    PLAN: encode_plan(assignment.plan, self.spec.widths),
+                }
+            )
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self.meter.sent(server_round, messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Overlap-aware aggregation of the replies that match their plans (kept in ``_accepted``).
+
+        Replies are taken in rank order, not arrival order, so the float sums
+        (and the run) are reproducible.
+        """
+        accepted, failures, replied = [], [], set()
+        for reply in sorted(replies, key=lambda r: self.nodes.rank_key(r.metadata.src_node_id)):
+            node = reply.metadata.src_node_id
+            replied.add(node)
+            reason = check_reply(reply, self._expected[node]) if node in self._expected else "not sampled"
+            if reason is None:
+                accepted.append(reply)
+            else:
+                failures.append(f"{self.nodes.describe(node)}: {reason}")
+        missing = sorted(set(self._expected) - replied, key=self.nodes.rank_key)
+        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout" for n in missing]
+        self.meter.received(server_round, accepted, failures)
+        self._accepted = accepted
+        if not accepted:
+            return None, None
+        updates = [
+            SubmodelUpdate(
+                plan=self._plans[r.metadata.src_node_id],
+                state=r.content[ARRAYS].to_torch_state_dict(),
+                weight=float(r.content[METRICS][WEIGHT_KEY]),
+            )
+            for r in accepted
+        ]
+        merged = aggregate(self._global, self.spec, updates)
+        return ArrayRecord(merged), training_metrics(accepted)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global model."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+
+class MeteredFedAvg(FedAvg):
+    """Flower's FedAvg, unchanged, plus per-round traffic accounting."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(fraction_evaluate=0.0, **kwargs)  # type: ignore[arg-type]
+        self.meter = TrafficMeter()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.meter.sent(server_round, messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        accepted = [r for r in replies if not r.has_error()]
+        failures = [f"node {r.metadata.src_node_id}: error reply ({r.error.reason})" for r in replies if r.has_error()]
+        self.meter.received(server_round, accepted, failures)
+        return super().aggregate_train(server_round, replies)
