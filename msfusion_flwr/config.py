@@ -337,8 +337,10 @@ class RunConfig:
 def section(flat: Mapping[str, Any], name: str) -> Any:
     """Settings ``name`` (a :data:`SECTIONS` key) from the keys of ``flat`` that set it; absent keys keep their defaults.
 
-    Values are taken as they are: validate with :func:`resolve_config` first
-    when they come from a user (a train message carries values the server validated).
+    Values are converted to their field's scalar type (an int given for a float
+    key becomes a float), not validated: validate with :func:`resolve_config`
+    first when they come from a user (a train message carries values the server
+    validated).
     """
     cls = SECTIONS[name]
     types = {f.name: f.type for f in dataclasses.fields(cls)}
