@@ -15,7 +15,9 @@ from flwr.common.config import parse_config_args
 
 from .apps import run_experiment
 from .config import ConfigError
-from .data import DataUnavailableError
+from .data import DataUnavailableError, PartitionError
+from .server.nodes import NodesUnavailable
+from .server.run import RunAborted
 
 
 def parse_run_config(text: str | None) -> dict[str, Any]:
@@ -37,8 +39,10 @@ def main() -> None:
         config = parse_run_config(args.run_config)
         config.setdefault("min-available-nodes", args.num_supernodes)
         out = run_experiment(config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client)
-    except (ConfigError, DataUnavailableError, OSError, tomllib.TOMLDecodeError) as error:
+    except (ConfigError, DataUnavailableError, PartitionError, OSError, tomllib.TOMLDecodeError) as error:
         parser.exit(2, f"error: {error}\n")
+    except (NodesUnavailable, RunAborted) as error:
+        parser.exit(1, f"run stopped: {error}\n")
     print(out)
 
 

@@ -21,10 +21,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .config import ConfigError, RunConfig
+from .data import DataUnavailableError, PartitionError
 from .device import participant
 from .server.checkpoint import resume_state
+from .server.nodes import NodesUnavailable
 from .server.reporting import default_output_dir
-from .server.run import run_server
+from .server.run import RunAborted, run_server
 
 
 def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> RunConfig:
@@ -45,14 +47,21 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # Each mistake is logged as one line, then re-raised (an Exception; Flower
+        # ignores SystemExit from the ServerApp) so that Flower marks the run as failed.
         try:
             run = server_config(context.run_config, overrides)
         except ConfigError as error:
             log(ERROR, "invalid run config: %s", error)
-            # Re-raise (an Exception; Flower ignores SystemExit from the ServerApp)
-            # so that Flower marks the run as failed.
             raise
-        run_server(grid, run)
+        try:
+            run_server(grid, run)
+        except (PartitionError, DataUnavailableError) as error:
+            log(ERROR, "invalid run config: %s", error)
+            raise
+        except (NodesUnavailable, RunAborted) as error:
+            log(ERROR, "run stopped: %s", error)
+            raise
 
     return app
 
@@ -81,6 +90,11 @@ def run_experiment(
     from flwr.simulation import run_simulation
 
     run = server_config({}, config)
+    if run.federation.min_available_nodes > num_supernodes:
+        raise ConfigError(
+            f"config key 'min-available-nodes' is {run.federation.min_available_nodes} but the simulation has "
+            f"{num_supernodes} SuperNodes: lower min-available-nodes or raise num_supernodes (--num-supernodes)"
+        )
     run = run.with_outputs(output_dir=str(Path(run.outputs.output_dir).resolve()))
     run_simulation(
         server_app=make_server_app(run.to_dict()),

@@ -16,7 +16,7 @@ section        type                                        keys
 ``data``       :class:`~msfusion_flwr.data.DataSettings`   dataset, data-dir, partitioner, ..., seed
 ``local``      :class:`TrainSettings`                      local-epochs, batch-size, learning-rate, ...
 ``distill``    :class:`DistillSettings`                    distill-*
-``federation`` :class:`FederationSettings`                 num-server-rounds, fraction-train, ..., seed
+``federation`` :class:`FederationSettings`                 num-server-rounds, fraction-train, ..., node-wait-timeout, seed
 ``faults``     :class:`FaultSettings`                      dropout-rate, straggler-rate
 ``outputs``    :class:`OutputSettings`                     output-dir, checkpoint-every, resume, participant-state-dir
 =============  ==========================================  =====================================
@@ -104,6 +104,11 @@ class FederationSettings:
     fraction_train: float = 1.0
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    """Seconds the server waits for a round's replies (and for profile queries)."""
+    node_wait_timeout: float = 60.0
+    """Seconds the server waits for ``min_available_nodes`` nodes before giving up, at start and before each round."""
+    max_failed_rounds: int = 3
+    """Stop the run after this many rounds in a row in which no participant's update was accepted (0: never)."""
     eval_every: int = 1
     seed: int = 0
 
@@ -279,6 +284,8 @@ KEYS: dict[str, Key] = {
     "dropout-rate": _key("faults", "dropout_rate", _number(0.0, 1.0, False, True)),
     "straggler-rate": _key("faults", "straggler_rate", _number(0.0, 1.0, False, True)),
     "round-timeout": _key("federation", "round_timeout", _number(0.0, INF, True, True)),
+    "node-wait-timeout": _key("federation", "node_wait_timeout", _number(0.0, INF, True, True)),
+    "max-failed-rounds": _key("federation", "max_failed_rounds", _integer(0)),
     "eval-every": _key("federation", "eval_every", _integer(1)),
     "data-dir": _key("data", "data_dir", _string()),
     "output-dir": _key("outputs", "output_dir", _string()),

@@ -127,13 +127,20 @@ def encode_profile(partition_id: int, num_partitions: int, split_ratio: float | 
     return RecordDict({PROFILE: profile})
 
 
-def decode_profile(content: RecordDict) -> tuple[int, float | None] | None:
-    """``(partition id, split ratio or None)`` from a query reply's content; None if it holds no profile."""
+def decode_profile(content: RecordDict) -> tuple[int, float | None, int | None] | None:
+    """``(partition id, split ratio or None, number of partitions or None)`` from a query reply's content.
+
+    None if the content holds no profile.
+    """
     if PROFILE not in content.config_records:
         return None
     profile = content.config_records[PROFILE]
-    ratio = profile.get("split-ratio")
-    return int(profile["partition-id"]), None if ratio is None else float(ratio)  # type: ignore[arg-type]
+    ratio, partitions = profile.get("split-ratio"), profile.get("num-partitions")
+    return (
+        int(profile["partition-id"]),  # type: ignore[arg-type]
+        None if ratio is None else float(ratio),  # type: ignore[arg-type]
+        None if partitions is None else int(partitions),  # type: ignore[arg-type]
+    )
 
 
 def encode_plan(plan: Mapping[str, torch.Tensor], full_widths: Mapping[str, int]) -> ConfigRecord:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from msfusion_flwr.config import ConfigError
-from msfusion_flwr.experiments.comparison import MatrixError, expand, load_matrix, run_matrix, select, write_report
+from msfusion_flwr.experiments.comparison import MatrixError, RunsFailed, expand, load_matrix, run_matrix, select, write_report
 
 
 def main() -> None:
@@ -46,10 +46,16 @@ def main() -> None:
     except (MatrixError, ConfigError) as error:
         sys.exit(f"error: {error}")
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
     if not args.report_only:
-        run_matrix(chosen, args.results_dir, verbose=args.verbose)
+        try:
+            run_matrix(chosen, args.results_dir, verbose=args.verbose)
+        except RunsFailed as error:
+            failed = error.failures
     for path in write_report(matrix, specs, args.results_dir):
         print(path)
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed (the report covers the others): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ BAD_VALUES: dict[str, list[object]] = {
     "dropout-rate": [-0.1, 1.0, 1, NAN, True, "0.2", None],
     "straggler-rate": [-0.1, 1.0, 1.5, NAN, True, "0.2", None],
     "round-timeout": [0, 0.0, -1, INF, NAN, True, "60"],
+    "node-wait-timeout": [0, 0.0, -1, INF, NAN, True, "60", None],
+    "max-failed-rounds": [-1, 1.5, 3.0, True, "3", None],
     "eval-every": [0, -1, 1.5, True, "1"],
     "data-dir": [0, 1.5, None, True, ["a"]],
     "output-dir": [0, None, False, ["out"]],
@@ -140,6 +142,8 @@ VALID_EDGES: list[tuple[str, object]] = [
     ("dropout-rate", 0.5),
     ("straggler-rate", 0.3),
     ("round-timeout", 1),
+    ("node-wait-timeout", 0.5),
+    ("max-failed-rounds", 0),
     ("partitioner", "pathological"),
     ("data-dir", "/tmp/somewhere"),
     ("output-dir", ""),
@@ -197,6 +201,8 @@ RANGES = {
     "dropout-rate": ("num", 0, True, 1, False),
     "straggler-rate": ("num", 0, True, 1, False),
     "round-timeout": ("num", 0, False, None, False),
+    "node-wait-timeout": ("num", 0, False, None, False),
+    "max-failed-rounds": ("int", 0, True, None, False),
     "checkpoint-every": ("int", 0, True, None, False),
 }
 

@@ -181,3 +181,25 @@ def test_flwr_run_rejects_invalid_config_without_training(flwr: Flwr) -> None:
     assert "invalid run config: config key 'split-ratio' must be a number in (0.0, 1.0], got 2.0" in log
     assert "[ROUND 1" not in log
     assert not output_dir.exists()
+
+
+def test_flwr_run_with_too_few_nodes_ends_at_the_deadline_with_the_ways_out(flwr: Flwr) -> None:
+    """4 SuperNodes, min-available-nodes 6: the run fails after node-wait-timeout, one line naming both ways out."""
+    output_dir = flwr.tmp / "outputs" / "few-nodes"
+    start = time.monotonic()
+    log, run_info = flwr.run({"min-available-nodes": 6, "node-wait-timeout": 5.0, "output-dir": str(output_dir)}, "few-nodes")
+    assert time.monotonic() - start < 180  # node-wait-timeout plus the run's start-up
+    assert run_info["status"] == "finished:failed", log
+    assert "run stopped: only 4 node(s) connected after 5 s, min-available-nodes is 6: lower min-available-nodes" in log
+    assert "num-supernodes" in log and "[ROUND 1" not in log
+    assert not output_dir.exists()
+
+
+def test_flwr_run_refuses_partitions_that_cannot_be_made_at_start(flwr: Flwr) -> None:
+    """30 training images for 4 Dirichlet partitions: one line at start naming what to change, no round trained."""
+    output_dir = flwr.tmp / "outputs" / "tiny"
+    log, run_info = flwr.run({"data-fraction": 0.0005, "min-available-nodes": 4, "output-dir": str(output_dir)}, "tiny")
+    assert run_info["status"] == "finished:failed", log
+    assert "invalid run config: cannot make 4 'dirichlet' partitions of fashion-mnist (data-fraction 0.0005" in log
+    assert "[ROUND 1" not in log
+    assert not output_dir.exists()

@@ -19,6 +19,7 @@ returns them (FedDF distils on them without labels).
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from types import ModuleType
 
@@ -37,12 +38,14 @@ from .settings import (
     TEXT_PARTITIONERS,
     DataSettings,
     DataUnavailableError,
+    PartitionError,
+    one_line,
 )
 
 __all__ = [
     "DATASETS", "HUB_DATASETS", "IN_CHANNELS", "NUM_CLASSES", "PARTITIONERS", "TEXT_DATASETS", "TEXT_PARTITIONERS",
-    "DataSettings", "DataUnavailableError", "load_partition", "load_server_set", "load_test_set", "model_kwargs",
-    "partition_indices",
+    "DataSettings", "DataUnavailableError", "MIN_PARTITION_SIZE", "PartitionError", "check_partitions",
+    "load_partition", "load_server_set", "load_test_set", "model_kwargs", "partition_indices",
 ]  # fmt: skip
 
 
@@ -62,6 +65,46 @@ def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.n
     The server slice (``settings.server_fraction``) is never in any partition.
     """
     return source(settings).partition_indices(settings, num_partitions)
+
+
+MIN_PARTITION_SIZE = 2
+"""Training examples a partition needs at least: BatchNorm on batch statistics trains on batches of two or more."""
+
+
+def check_partitions(settings: DataSettings, num_partitions: int) -> list[int]:
+    """The size of every partition, or :class:`PartitionError` when they cannot be made or one is too small.
+
+    The server runs this once before the first round with the number of
+    partitions its nodes report, so that a partitioning the participants would
+    fail on is a one-line error at start, not an error reply per participant
+    and round. :class:`DataUnavailableError` passes through (no data to check).
+    """
+    what = (
+        f"{num_partitions} {settings.partitioner!r} partitions of {settings.dataset} (data-fraction {settings.data_fraction:g}"
+        + (f", dirichlet-alpha {settings.dirichlet_alpha:g}" if settings.partitioner == "dirichlet" else "")
+        + (f", classes-per-partition {settings.classes_per_partition}" if settings.partitioner == "pathological" else "")
+        + ")"
+    )
+    try:
+        with warnings.catch_warnings():  # flwr-datasets warns on every failed attempt; the error below says it once
+            warnings.simplefilter("ignore", UserWarning)
+            sizes = [len(p) for p in partition_indices(settings, num_partitions)]
+    except DataUnavailableError:
+        raise
+    except Exception as exc:  # flwr-datasets' partitioners raise ValueError/AssertionError/... on impossible settings
+        raise PartitionError(
+            f"cannot make {what}: {one_line(exc)}; raise data-fraction, use fewer partitions (num-supernodes), "
+            + ("raise dirichlet-alpha, " if settings.partitioner == "dirichlet" else "")
+            + "or set partitioner='iid'"
+        ) from None
+    smallest = min(range(num_partitions), key=sizes.__getitem__)
+    if sizes[smallest] < MIN_PARTITION_SIZE:
+        raise PartitionError(
+            f"{what}: partition {smallest} holds {sizes[smallest]} training example(s) of {sum(sizes)}, at least "
+            f"{MIN_PARTITION_SIZE} are needed to train; raise data-fraction or use fewer partitions (num-supernodes)"
+            + ("" if settings.partitioner == "iid" else ", or set partitioner='iid'")
+        )
+    return sizes
 
 
 def load_partition(settings: DataSettings, partition_id: int, num_partitions: int) -> TorchDataset:

@@ -19,6 +19,10 @@ class DataUnavailableError(RuntimeError):
     """The dataset could not be found locally nor downloaded."""
 
 
+class PartitionError(ValueError):
+    """The configured partitions cannot be made, or one is too small to train on; one line saying what to change."""
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """Everything that determines a node's partition; identical on all nodes."""

@@ -256,8 +256,24 @@ class _RoundWatcher(threading.Thread):
             self.poll()
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a matrix failed (the others ran); ``failures`` maps run id -> one-line reason."""
+
+    def __init__(self, failures: Mapping[str, str], ran: Sequence[RunSpec]) -> None:
+        super().__init__(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+        self.failures = dict(failures)
+        self.ran = list(ran)
+
+
 def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = False) -> list[RunSpec]:
-    """Run every spec not complete yet; returns the ones that ran."""
+    """Run every spec not complete yet; returns the ones that ran.
+
+    A run that fails (an invalid combination, too few nodes, impossible
+    partitions, every participant failing) does not stop the others: its
+    reason is printed in one line, and :class:`RunsFailed` is raised once
+    every other run has run. Each run is bounded by its own deadlines
+    (``node-wait-timeout``, ``round-timeout`` per round, ``max-failed-rounds``).
+    """
     from tqdm.auto import tqdm
 
     from ..apps import run_experiment
@@ -268,6 +284,7 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
     level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    failures: dict[str, str] = {}
     try:
         with tqdm(total=total_rounds, unit="round", desc=f"{len(pending)} runs ({len(specs) - len(pending)} done)") as bar:
             for spec in pending:
@@ -280,12 +297,17 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
                 watcher.start()
                 try:
                     run_experiment(run_config(spec, results_dir, resume).to_dict(), num_supernodes=spec.num_supernodes)
+                except Exception as error:  # one failed run must not cost the others
+                    failures[spec.run_id] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                    tqdm.write(f"run {spec.run_id} failed: {failures[spec.run_id]}")
                 finally:
                     watcher.stop.set()
                     watcher.join()
                     watcher.poll()
     finally:
         flwr_logger.setLevel(level)
+    if failures:
+        raise RunsFailed(failures, pending)
     return pending
 
 

@@ -65,6 +65,8 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
     method, federation = run.method, run.federation
     if method.name == "fedavg":
         return MeteredFedAvg(
+            node_wait_timeout=federation.node_wait_timeout,
+            query_timeout=federation.round_timeout,
             fraction_train=federation.fraction_train,
             min_train_nodes=1,
             min_available_nodes=federation.min_available_nodes,
@@ -76,6 +78,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
         "min_available_nodes": federation.min_available_nodes,
         "seed": run.seed,
         "query_timeout": federation.round_timeout,
+        "node_wait_timeout": federation.node_wait_timeout,
     }
     if method.name in DISTILLATION_METHODS:
         return EnsembleDistillation(

@@ -6,6 +6,12 @@ initial model (seeded), the method's strategy (:mod:`.methods`), the round
 loop (:mod:`.rounds`) with the global model evaluated every ``eval-every``
 rounds, a metrics row per round (:mod:`.reporting`), and checkpoints every
 ``checkpoint-every`` rounds (:mod:`.checkpoint`).
+
+Before the first round it waits (bounded) for ``min-available-nodes`` nodes,
+learns their profiles and checks that the partitions they will load can be
+made (:func:`~msfusion_flwr.data.check_partitions`), so that these mistakes
+end the run at start with one line. A run in which no participant's update is
+accepted for ``max-failed-rounds`` rounds in a row stops with the reasons.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping
-from logging import INFO
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from ..config import RunConfig
-from ..data import load_test_set, model_kwargs
+from ..data import DataUnavailableError, check_partitions, load_test_set, model_kwargs
 from ..engine.groups import SplitSpec
 from ..models import build_model
 from ..models.evaluation import evaluate
@@ -32,6 +40,7 @@ from ..protocol import client_config
 from .accounting import RoundTraffic, TrafficMeter
 from .checkpoint import restore_rng_states, resume_state, save_checkpoint
 from .methods import global_widths, make_strategy
+from .nodes import wait_for_nodes
 from .reporting import RunReporter
 from .rounds import run_rounds
 
@@ -55,6 +64,49 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
     }
 
 
+class RunAborted(RuntimeError):
+    """The run cannot go on; the message (one line) says why and what to change."""
+
+
+@dataclass
+class FailureWatch:
+    """Counts rounds in a row in which participants were sampled but no update was accepted."""
+
+    limit: int
+    streak: list[int] = field(default_factory=list)
+
+    def record(self, server_round: int, traffic: RoundTraffic | None) -> None:
+        """Raise :class:`RunAborted` once ``limit`` rounds in a row had only failed replies."""
+        if traffic is None or traffic.sampled == 0 or traffic.participants:
+            self.streak = []
+            return
+        self.streak.append(server_round)
+        if self.limit and len(self.streak) >= self.limit:
+            reasons = Counter(reason.split(": ", 1)[-1] for reason in traffic.failures)
+            summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+            raise RunAborted(
+                f"no participant's update was accepted in {len(self.streak)} rounds in a row (rounds "
+                f"{self.streak[0]}-{self.streak[-1]}, max-failed-rounds {self.limit}); round {server_round}: {summary}"
+            )
+
+
+def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
+    """Before round 1: wait for the nodes, learn their profiles, check the partitions they will load."""
+    federation = run.federation
+    nodes = wait_for_nodes(grid, federation.min_available_nodes, federation.node_wait_timeout)
+    strategy.nodes.learn(grid, nodes)
+    counts = strategy.nodes.num_partitions()
+    if len(counts) > 1:
+        log(WARNING, "nodes report different num-partitions %s; checking each", sorted(counts))
+    for num_partitions in sorted(counts):
+        try:
+            sizes = check_partitions(run.data, num_partitions)
+        except DataUnavailableError as error:
+            log(INFO, "partitions not checked (the server has no training data: %s)", error)
+            return
+        log(INFO, "%d partitions of %d training examples (smallest %d, largest %d)", num_partitions, sum(sizes), min(sizes), max(sizes))
+
+
 def run_server(grid: Grid, run: RunConfig) -> Path:
     """Train for ``num-server-rounds`` rounds and write the run's outputs.
 
@@ -68,6 +120,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
     global_model = build_model(run.model.name, global_widths(run), **model_kwargs(run.data))
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(run, spec)
+    preflight(grid, run, strategy)  # before anything is written: a mistake here loses nothing
     meter: TrafficMeter = strategy.meter
     federation, outputs = run.federation, run.outputs
     first_round = 1
@@ -83,6 +136,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         )
         restore_rng_states(checkpoint["rng"])
         log(INFO, "resume: continuing %s after round %d", reporter.output_dir, first_round - 1)
+    failures = FailureWatch(federation.max_failed_rounds)
     round_start = time.perf_counter()
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -94,6 +148,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         traffic = meter.rounds.get(server_round)
         started = traffic.started if traffic else round_start
         reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started))
+        failures.record(server_round, traffic)
         round_start = time.perf_counter()
         return MetricRecord(metrics) if metrics else None
 

@@ -12,6 +12,7 @@ subclass lives in :mod:`.feddf`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from logging import INFO
@@ -29,7 +30,7 @@ from ..engine.slicing import slice_state
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
 from .accounting import TrafficMeter
 from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
-from .replies import check_reply, training_metrics
+from .replies import check_reply, error_summary, training_metrics
 
 
 class SubmodelStrategy(Strategy):
@@ -50,6 +51,7 @@ class SubmodelStrategy(Strategy):
         min_available_nodes: int = 2,
         seed: int = 0,
         query_timeout: float | None = None,
+        node_wait_timeout: float = math.inf,
     ) -> None:
         self.spec = spec
         self.policy = policy
@@ -57,6 +59,7 @@ class SubmodelStrategy(Strategy):
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
         self.seed = seed
+        self.node_wait_timeout = node_wait_timeout
         self.nodes = NodeDirectory(query_timeout)
         self.meter = TrafficMeter()
         self._global: dict[str, torch.Tensor] = {}
@@ -85,7 +88,7 @@ class SubmodelStrategy(Strategy):
         A seeded sample of ``int(N * fraction-train)`` (at least one) of the N
         connected nodes, so the same run config samples the same partitions.
         """
-        nodes = wait_for_nodes(grid, self.min_available_nodes)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         self.nodes.learn(grid, nodes)
         ordered = sorted(nodes, key=self.nodes.rank_key)
         size = max(1, int(len(ordered) * self.fraction_train))
@@ -146,7 +149,8 @@ class SubmodelStrategy(Strategy):
             else:
                 failures.append(f"{self.nodes.describe(node)}: {reason}")
         missing = sorted(set(self._expected) - replied, key=self.nodes.rank_key)
-        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout" for n in missing]
+        timeout = "" if self.nodes.query_timeout is None else f" ({self.nodes.query_timeout:g} s)"
+        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
         self.meter.received(server_round, accepted, failures)
         self._accepted = accepted
         if not accepted:
@@ -173,15 +177,29 @@ class SubmodelStrategy(Strategy):
 
 
 class MeteredFedAvg(FedAvg):
-    """Flower's FedAvg, unchanged, plus per-round traffic accounting."""
+    """Flower's FedAvg, unchanged, plus per-round traffic accounting and a bounded wait for nodes.
 
-    def __init__(self, **kwargs: object) -> None:
+    Flower's own wait for ``min_available_nodes`` has no end; this one gives up
+    after ``node_wait_timeout`` seconds (:func:`~.nodes.wait_for_nodes`) before
+    Flower's sampling runs. ``nodes`` learns the nodes' profiles for the run's
+    start-up checks; FedAvg itself does not use them.
+    """
+
+    def __init__(self, node_wait_timeout: float = math.inf, query_timeout: float | None = None, **kwargs: object) -> None:
         super().__init__(fraction_evaluate=0.0, **kwargs)  # type: ignore[arg-type]
         self.meter = TrafficMeter()
+        self.node_wait_timeout = node_wait_timeout
+        self.nodes = NodeDirectory(query_timeout)
+
+    @property
+    def profiles(self) -> dict[int, NodeProfile]:
+        """The profiles of the nodes seen so far (node id -> profile)."""
+        return self.nodes.profiles
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.meter.sent(server_round, messages)
         return messages
@@ -191,6 +209,6 @@ class MeteredFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         accepted = [r for r in replies if not r.has_error()]
-        failures = [f"node {r.metadata.src_node_id}: error reply ({r.error.reason})" for r in replies if r.has_error()]
+        failures = [f"node {r.metadata.src_node_id}: error reply ({error_summary(r.error.reason)})" for r in replies if r.has_error()]
         self.meter.received(server_round, accepted, failures)
         return super().aggregate_train(server_round, replies)
