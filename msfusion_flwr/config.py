@@ -12,7 +12,7 @@ below the boundary receives instead of the mapping. A bad value raises
 section        type                                        keys
 =============  ==========================================  =====================================
 ``method``     :class:`MethodSettings`                     method, split-ratio, budgets, overlap, shift-step, ...
-``model``      :class:`~msfusion_flwr.models.ModelSettings`  model, classifier-scaler
+``model``      :class:`~msfusion_flwr.models.ModelSettings`  model, output-scaling
 ``data``       :class:`~msfusion_flwr.data.DataSettings`   dataset, data-dir, partitioner, ..., seed
 ``local``      :class:`TrainSettings`                      local-epochs, batch-size, learning-rate, ...
 ``distill``    :class:`DistillSettings`                    distill-*
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTITIONERS, DataSettings
-from .models import MODELS, ModelSettings
+from .models import MODELS, OUTPUT_SCALINGS, ModelSettings
 
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
@@ -265,7 +265,7 @@ KEYS: dict[str, Key] = {
     "distill-temperature": _key("distill", "temperature", _number(0.0, INF, True, True)),
     "contrastive-weight": _key("local", "contrastive_weight", _number(0.0, INF, False, True)),
     "contrastive-temperature": _key("local", "contrastive_temperature", _number(0.0, INF, True, True)),
-    "classifier-scaler": _key("model", "classifier_scaler", _boolean()),
+    "output-scaling": _key("model", "output_scaling", _choice(OUTPUT_SCALINGS)),
     "local-epochs": _key("local", "epochs", _integer(1)),
     "batch-size": _key("local", "batch_size", _integer(1)),
     "learning-rate": _key("local", "learning_rate", _number(0.0, INF, True, True)),
@@ -377,13 +377,28 @@ RULES: dict[str, Rule] = {key: spec.rule for key, spec in KEYS.items()}
 # --------------------------------------------------------------------------- resolving
 
 
-def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A config stored by an earlier run, with every key added to the app since then at its default.
+RENAMED: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "classifier-scaler": ("output-scaling", lambda enabled: "scaler" if enabled else "none"),
+}
+"""Keys the app no longer has -> the key that replaced them and how an old value converts."""
+BEFORE_KEY: dict[str, Any] = {"output-scaling": "scaler"}
+"""For keys whose default is not what the app did before they existed: the value that reproduces it."""
 
-    Lets a finished run or a checkpoint from before a new key still count as
-    the same config when the key is left at its default.
+
+def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A config stored by an earlier run, in today's keys: renamed keys converted, keys added since then filled.
+
+    A key added since counts as the value that reproduces the behaviour before
+    it existed (:data:`BEFORE_KEY`), else as its default; so a finished run or a
+    checkpoint from before a new key still counts as the same config when the
+    key is left at that value.
     """
-    return {**DEFAULTS, **stored}
+    current = dict(stored)
+    for old, (new, convert) in RENAMED.items():
+        if old in current:
+            value = convert(current.pop(old))
+            current.setdefault(new, value)
+    return {**DEFAULTS, **BEFORE_KEY, **current}
 
 
 IGNORED_ON_RESUME = ("resume", "output-dir")
@@ -405,6 +420,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     """
     overrides = dict(overrides or {})
     for key in overrides:
+        if key in RENAMED:
+            new, convert = RENAMED[key]
+            raise ConfigError(
+                f"config key {key!r} was replaced by {new!r}: {key} = {overrides[key]!r} is {new} = {convert(overrides[key])!r}"
+            )
         if key not in DEFAULTS:
             raise ConfigError(f"unknown config key {key!r}")
     config = {**DEFAULTS, **overrides}

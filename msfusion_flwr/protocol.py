@@ -57,7 +57,7 @@ CLIENT_KEYS = (
     "optimizer",
     "contrastive-weight",
     "contrastive-temperature",
-    "classifier-scaler",
+    "output-scaling",
     "dropout-rate",
     "straggler-rate",
     "round-timeout",

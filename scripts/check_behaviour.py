@@ -49,7 +49,23 @@ RUNS: dict[str, dict[str, Any]] = {
         "optimizer": "adam", "learning-rate": 0.0003, "data-fraction": 0.03,
     },
 }  # fmt: skip
-"""Every method, with options that exercise budgets, faults, checkpoints, distillation and a language model."""
+"""Every method, with options that exercise budgets, faults, checkpoints, distillation and a language model.
+Keys are spelled as the oldest revision compared knows them; :func:`current_keys` renames them for newer ones."""
+
+
+def current_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` in the keys of the importable ``msfusion_flwr`` (renamed keys converted, where it renamed any)."""
+    from msfusion_flwr import config as app_config
+
+    renamed = getattr(app_config, "RENAMED", {})
+    out = {}
+    for key, value in config.items():
+        if key in renamed and key not in app_config.DEFAULTS:
+            new, convert = renamed[key]
+            out[new] = convert(value)
+        else:
+            out[key] = value
+    return out
 TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
 
 
@@ -123,7 +139,7 @@ def snapshot(out_path: Path, methods: list[str], work: Path) -> None:
     results = {"package": str(Path(msfusion_flwr.__file__).parent)}
     for name in methods:
         output_dir = work / name
-        config = {**COMMON, **RUNS[name], "output-dir": str(output_dir)}
+        config = current_keys({**COMMON, **RUNS[name], "output-dir": str(output_dir)})
         if config.get("checkpoint-every"):
             config["participant-state-dir"] = str(work / f"{name}-participants")
         grid = InProcessGrid(make_client_app(), NODES)

@@ -200,13 +200,28 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
 
 
 def test_a_key_added_after_the_checkpoint_counts_as_its_default_on_resume(tmp_path):
-    """A checkpoint written before 'classifier-scaler' existed resumes when it is left at its default, not otherwise."""
+    """A checkpoint written before 'node-wait-timeout' existed resumes when it is left at its default, not otherwise."""
     overrides = {"output-dir": str(tmp_path), "resume": True}
     config = RunConfig.from_mapping(overrides)
     path = ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, config)
     older = torch.load(path, weights_only=True)
-    del older["config"]["classifier-scaler"]
+    del older["config"]["node-wait-timeout"]
     torch.save(older, path)
     assert ckpt.resume_state(config)["round"] == 2
-    with pytest.raises(ConfigError, match="classifier-scaler"):
-        ckpt.resume_state(RunConfig.from_mapping({**overrides, "classifier-scaler": False}))
+    with pytest.raises(ConfigError, match="node-wait-timeout"):
+        ckpt.resume_state(RunConfig.from_mapping({**overrides, "node-wait-timeout": 5.0}))
+
+
+@pytest.mark.parametrize(("stored", "resumes_as"), [({"classifier-scaler": True}, "scaler"), ({"classifier-scaler": False}, "none"), ({}, "scaler")])
+def test_a_checkpoint_from_before_output_scaling_resumes_as_what_it_ran(tmp_path, stored, resumes_as):
+    """classifier-scaler true/false is output-scaling 'scaler'/'none'; before either key the app ran the Scaler."""
+    overrides = {"output-dir": str(tmp_path), "resume": True}
+    path = ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, RunConfig.from_mapping(overrides))
+    older = torch.load(path, weights_only=True)
+    del older["config"]["output-scaling"]
+    older["config"].update(stored)
+    torch.save(older, path)
+    assert ckpt.resume_state(RunConfig.from_mapping({**overrides, "output-scaling": resumes_as}))["round"] == 2
+    other = next(s for s in ("calibrated", "scaler", "none") if s != resumes_as)
+    with pytest.raises(ConfigError, match="output-scaling"):
+        ckpt.resume_state(RunConfig.from_mapping({**overrides, "output-scaling": other}))

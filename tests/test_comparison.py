@@ -86,21 +86,23 @@ def test_summaries_and_table_from_hand_made_rows(tmp_path):
     """Rounds to target, final/best accuracy, per-round cost means, and mean ± std in the table."""
     spec = expand(load_matrix(write_matrix(tmp_path, rounds=3)))[0]
     rows = [
-        {"round": 0, "accuracy": 0.1, "loss": 2.3, "failures": []},
-        {"round": 1, "accuracy": 0.5, "loss": 1.0, "flops_max": 10.0, "failures": ["x"], "cum_flops_per_participant_max": 10.0},
-        {"round": 2, "accuracy": 0.7, "loss": 0.8, "flops_max": 30.0, "failures": [], "cum_flops_per_participant_max": 40.0},
-        {"round": 3, "accuracy": 0.6, "loss": 0.9, "flops_max": 20.0, "failures": [], "cum_flops_per_participant_max": 60.0, "elapsed_s": 5.0},
+        {"round": 0, "accuracy": 0.1, "loss": 2.3, "failures": [], "coverage": 0.0},
+        {"round": 1, "accuracy": 0.5, "loss": 1.0, "flops_max": 10.0, "failures": ["x"], "cum_flops_per_participant_max": 10.0, "coverage": 0.3},
+        {"round": 2, "accuracy": 0.7, "loss": 0.8, "flops_max": 30.0, "failures": [], "cum_flops_per_participant_max": 40.0, "coverage": 0.5},
+        {"round": 3, "accuracy": 0.6, "loss": 0.9, "flops_max": 20.0, "failures": [], "cum_flops_per_participant_max": 60.0, "elapsed_s": 5.0, "coverage": 0.6},
     ]
     assert rounds_to_reach(rows, 0.65) == 2 and rounds_to_reach(rows, 0.9) is None
     summary = summarize_run(spec, rows, target=0.65)
     assert summary["final_accuracy"] == 0.6 and summary["best_accuracy"] == 0.7
     assert summary["flops_max_per_round"] == 20.0 and summary["cum_flops_per_participant_max"] == 60.0
     assert summary["failed_replies"] == 1 and summary["rounds_to_target"] == 2
-    other = {**summary, "final_accuracy": 0.8, "rounds_to_target": None}
-    table = markdown_table([summary, other], ["variant"], target=0.65)
+    assert summary["final_coverage"] == 0.6
+    other = {**summary, "final_accuracy": 0.8, "rounds_to_target": None, "seed": 1, "final_coverage": 0.8}
+    table = markdown_table([other, summary], ["variant"], target=0.65)
     assert "0.7000 ± 0.1414" in table  # mean and sample std of 0.6 and 0.8
-    assert "2.0 (1/2 reached)" in table
-    assert "| variant | seeds | final acc | best acc | rounds to 65% | FLOPs" in table  # accuracy header as before
+    assert "| 0.6000 / 0.8000 |" in table  # per seed, in seed order (seed 0 first)
+    assert "2.0 (1/2 reached) | 0.700 |" in table  # coverage at the end: mean of 0.6 and 0.8
+    assert "| variant | seeds | final acc | best acc | final acc per seed | rounds to 65% | coverage at end | FLOPs" in table
     assert "final_perplexity" not in summary  # classification rows (no perplexity key) add no column
 
 
@@ -157,8 +159,8 @@ def test_perplexity_summaries_and_table_from_hand_made_lm_rows(tmp_path):
     other = {**summary, "final_perplexity": 150.0, "best_perplexity": 120.0, "rounds_to_target": None}
     table = markdown_table([summary, other], ["variant"], target=200.0, metric="perplexity")
     header, _, row = table.splitlines()
-    assert "| final perplexity | best perplexity | rounds to perplexity <= 200 | FLOPs" in header
-    assert "| 165.00 ± 21.21 | 135.00 ± 21.21 | 2.0 (1/2 reached) |" in row  # 180 and 150; 150 and 120
+    assert "| final perplexity | best perplexity | final perplexity per seed | rounds to perplexity <= 200 | coverage at end | FLOPs" in header
+    assert "| 165.00 ± 21.21 | 135.00 ± 21.21 | 180.00 / 150.00 | 2.0 (1/2 reached) | — |" in row  # 180 and 150; 150 and 120; no coverage in these rows
     assert "rounds to" not in markdown_table([summary], ["variant"], target=None, metric="perplexity")
     accuracy_table = markdown_table([{**summary, "best_accuracy": 0.3}], ["variant"], target=0.25, metric="accuracy")
     assert "rounds to 25%" in accuracy_table
@@ -205,7 +207,8 @@ def test_perplexity_report_from_hand_made_runs(tmp_path):
         (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lm_rows()))
     paths = write_report(matrix, specs, results)
     assert {p.name for p in paths} == {"results.csv", "results.md", "perplexity_vs_round.png",
-                                       "perplexity_vs_participant_flops.png", "perplexity_vs_participant_bytes.png"}
+                                       "perplexity_vs_participant_flops.png", "perplexity_vs_participant_bytes.png",
+                                       "coverage_vs_round.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths if p.suffix == ".png")
     with open(results / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -25,7 +25,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "split-ratio": [0, 0.0, -0.25, 1.0000001, 2, NAN, INF, True, False, "0.25", None],
     "budgets": ["0.25;0.5", "0,0.5", "0.5,1.5", "a", "0.25,", ",", 0.25, None, True],
     "inter-participant-shift": [1, 0, "true", "yes", None],
-    "classifier-scaler": [1, 0, "false", None],
+    "output-scaling": ["Calibrated", "", "true", True, 1, None],
     "fjord-levels": [0, -1, 8.0, True, "8"],
     "distill-steps": [0, -1, 50.0, 1.5, True, "50", None],
     "distill-batch-size": [0, -128, 128.0, True, "128", None],
@@ -136,7 +136,8 @@ VALID_EDGES: list[tuple[str, object]] = [
     ("budgets", "0.25"),
     ("budgets", "0.125,0.25, 1"),
     ("inter-participant-shift", False),
-    ("classifier-scaler", False),
+    ("output-scaling", "none"),
+    ("output-scaling", "scaler"),
     ("fjord-levels", 1),
     ("partitioner", "iid"),
     ("dropout-rate", 0.5),
@@ -285,3 +286,11 @@ def test_language_model_configs_resolve():
         for partitioner in ("iid", "contiguous"):
             config = resolve_config({"dataset": "wikitext-2", "model": model, "partitioner": partitioner, "optimizer": "adam"})
             assert config["seq-len"] == 64 and config["train-split"] == "train"
+
+
+def test_a_renamed_key_is_refused_with_its_replacement():
+    """classifier-scaler became output-scaling: one line saying which value to use instead."""
+    for old, new in ((True, "'scaler'"), (False, "'none'")):
+        with pytest.raises(ConfigError) as info:
+            resolve_config({"classifier-scaler": old})
+        assert f"replaced by 'output-scaling': classifier-scaler = {old!r} is output-scaling = {new}" in str(info.value)

@@ -211,10 +211,11 @@ def test_distillation_never_reads_labels():
 # --------------------------------------------------------------------------- wiring, config, end to end
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_feddf_teachers_are_built_as_the_participants_trained_them(enabled):
-    """The server rebuilds each teacher with the run's classifier-scaler: head Scaler rate r when true, 1 when false."""
-    config = RunConfig.from_mapping({**FEDDF, "classifier-scaler": enabled})
+@pytest.mark.parametrize("scaling", ["scaler", "none", "calibrated"])
+def test_feddf_teachers_are_built_as_the_participants_trained_them(scaling):
+    """The server rebuilds each teacher with the run's output scaling: head Scaler rate r with the Scaler, else 1."""
+    enabled = scaling == "scaler"
+    config = RunConfig.from_mapping({**FEDDF, "output-scaling": scaling})
     server_set = TensorDataset(server_inputs(8), torch.zeros(8, dtype=torch.long))
     strategy = make_strategy(config, SplitSpec.from_model(build_model("cnn")), server_set=server_set)
     teacher = strategy.make_model(SMALL, 0.25)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import ArrayRecord
 
@@ -54,22 +55,26 @@ def test_participant_trains_a_narrow_model_and_never_builds_the_full_one(monkeyp
     assert built_widths and all(w is not None and w != models.FashionCNN.FULL_WIDTHS for w in built_widths)
 
 
-def test_sub_model_slices_are_the_global_values_at_the_plan_indices():
-    """Each message carries the global tensor indexed at its plan, nothing else."""
+@pytest.mark.parametrize("scaling", ["calibrated", "scaler", "none"])
+def test_sub_model_slices_are_the_global_values_at_the_plan_indices(scaling):
+    """Each message carries the global tensor indexed at its plan, nothing else; calibrated, the
+    classifier's weights are also divided by the fraction of its inputs the slice holds (w/K)."""
     torch.manual_seed(0)
     full = models.build_model("cnn").state_dict()
     grid = LoopbackGrid(3)
-    messages = round_messages({"split-ratio": 0.5}, grid, 3, full)
+    messages = round_messages({"split-ratio": 0.5, "output-scaling": scaling}, grid, 3, full)
     for message in messages.values():
-        plan, _ = decode_plan(message.content.config_records[PLAN])
+        plan, widths = decode_plan(message.content.config_records[PLAN])
         sent = message.content.array_records[ARRAYS].to_torch_state_dict()
         expected = full["conv2.0.weight"][plan["conv2"]][:, plan["conv1"]]
         torch.testing.assert_close(sent["conv2.0.weight"], expected, rtol=0, atol=0)
-        torch.testing.assert_close(sent["head.weight"], full["head.weight"][:, plan["fc"]], rtol=0, atol=0)
+        fraction = len(plan["fc"]) / widths["fc"] if scaling == "calibrated" else 1.0
+        torch.testing.assert_close(sent["head.weight"], full["head.weight"][:, plan["fc"]] / fraction, rtol=0, atol=0)
+        torch.testing.assert_close(sent["head.bias"], full["head.bias"], rtol=0, atol=0)
 
 
 def test_participant_builds_its_model_with_the_configured_classifier_scaler(monkeypatch):
-    """``classifier-scaler`` reaches the participant's narrow model: head Scaler rate r when true, 1 when false."""
+    """``output-scaling`` reaches the participant's narrow model: head Scaler rate r with the Scaler, else 1."""
     built = []
     real_build = models.build_model
 
@@ -79,9 +84,9 @@ def test_participant_builds_its_model_with_the_configured_classifier_scaler(monk
 
     monkeypatch.setattr(registry, "build_model", recording_build)
     full = real_build("cnn").state_dict()
-    for enabled, expected_rate in ((True, 0.25), (False, 1.0)):
+    for scaling, expected_rate in (("scaler", 0.25), ("none", 1.0), ("calibrated", 1.0)):
         built.clear()
-        config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid", "classifier-scaler": enabled}
+        config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid", "output-scaling": scaling}
         grid = LoopbackGrid(4)
         participant.train(round_messages(config, grid, 1, full)[0], grid.contexts[0])
         assert built and all(m.head_scaler.rate == expected_rate and m.fc_scaler.rate == 0.25 for m in built)

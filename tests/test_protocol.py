@@ -128,7 +128,7 @@ def test_client_config_carries_client_keys():
 def test_a_participant_reads_the_server_config_back_typed():
     """TrainInstructions from a train message's record equal the server's typed sections, for changed values too."""
     run = RunConfig.from_mapping({"dataset": "wikitext-2", "model": "gpt2", "partitioner": "contiguous",
-                                  "learning-rate": 1, "seq-len": 32, "classifier-scaler": False,
+                                  "learning-rate": 1, "seq-len": 32, "output-scaling": "none",
                                   "dropout-rate": 0.25, "round-timeout": 9, "participant-state-dir": "/tmp/s"})
     record = client_config(run)
     record[SERVER_ROUND], record[SPLIT_RATE] = 3, 0.5

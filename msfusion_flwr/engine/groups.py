@@ -34,12 +34,15 @@ class Axis:
     axis for every block ``b < blocks`` and offset ``u < unit``: ``unit`` > 1
     covers multi-element units (attention heads of ``head_dim`` rows), ``blocks``
     > 1 covers stacked copies (q, k and v rows in one fused projection).
+    ``consumes`` marks an axis along which the tensor's layer *reads* the
+    group's units (a Linear's input columns), as opposed to producing them.
     """
 
     tensor: str
     dim: int
     unit: int = 1
     blocks: int = 1
+    consumes: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,13 @@ def resolve_groups(model: nn.Module, decls: Sequence[GroupDecl]) -> list[WidthGr
     groups = []
     for decl in decls:
         axes: list[Axis] = []
-        for side, rules in ((decl.outputs, OUTPUT_RULES), (decl.inputs, INPUT_RULES)):
+        for side, rules, consumes in ((decl.outputs, OUTPUT_RULES, False), (decl.inputs, INPUT_RULES, True)):
             for mod_name in side:
                 module = modules[mod_name]
                 blocks = decl.blocks_of.get(mod_name, decl.blocks)
                 for local, dim in _rule_for(rules, module)(module):
                     key = f"{mod_name}.{local}" if mod_name else local
-                    axes.append(Axis(key, dim, decl.unit, blocks))
+                    axes.append(Axis(key, dim, decl.unit, blocks, consumes))
         first = axes[0]
         width = state[first.tensor].shape[first.dim] // (first.unit * first.blocks)
         groups.append(WidthGroup(decl.name, width, tuple(axes)))
@@ -184,6 +187,28 @@ class SplitSpec:
     def full_plan(self) -> IndexPlan:
         """The plan that holds every unit (the whole model)."""
         return {name: torch.arange(g.width) for name, g in self.groups.items()}
+
+    @property
+    def output_layers(self) -> list[str]:
+        """Split tensors whose every split axis is an input: the layers that read split features and
+        write the model's unsplit outputs (the classifier, a language model's head)."""
+        return [t for t, claims in self._axes_by_tensor.items() if all(axis.consumes for _, axis in claims)]
+
+    def calibration(self, plan: Mapping[str, Tensor]) -> dict[str, float]:
+        """For every output layer, the fraction of its inputs that ``plan`` holds (w/K of each input group).
+
+        A slice's output layer sums over that fraction of the full model's
+        inputs, so the full model's outputs are on the slices' scale when its
+        output-layer weights are the slices' weights times this fraction
+        (:func:`~.slicing.slice_state` and :func:`~.fusion.aggregate` with ``calibrate``).
+        """
+        factors = {}
+        for tensor in self.output_layers:
+            factor = 1.0
+            for group, _ in self._axes_by_tensor[tensor]:
+                factor *= len(plan[group.name]) / group.width
+            factors[tensor] = factor
+        return factors
 
     def positions(self, plan: Mapping[str, Tensor]) -> dict[str, list[tuple[int, Tensor]]]:
         """For every split tensor, ``(dim, positions along dim)`` under ``plan``."""

@@ -24,14 +24,22 @@ def plan_widths(plan: Mapping[str, Tensor]) -> dict[str, int]:
 
 
 def slice_state(
-    state: Mapping[str, Tensor], spec: SplitSpec, plan: Mapping[str, Tensor]
+    state: Mapping[str, Tensor], spec: SplitSpec, plan: Mapping[str, Tensor], calibrate: bool = False
 ) -> dict[str, Tensor]:
-    """The sub-model's state: every split tensor indexed down to the plan's units."""
+    """The sub-model's state: every split tensor indexed down to the plan's units.
+
+    With ``calibrate``, output-layer weights are divided by the fraction of
+    their inputs the plan holds (:meth:`~.groups.SplitSpec.calibration`): the
+    slice computes its outputs at the scale the full model's have.
+    """
     positions = spec.positions(plan)
+    factors = spec.calibration(plan) if calibrate else {}
     sub = {}
     for key, tensor in state.items():
         for dim, pos in positions.get(key, ()):
             tensor = tensor.index_select(dim, pos)
+        if key in factors:
+            tensor = tensor / factors[key]
         sub[key] = tensor.contiguous()
     return sub
 

@@ -360,6 +360,8 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
         summary[f"{key}_per_round"] = statistics.fmean(values) if values else None
     for key in CUMULATIVE_COSTS:
         summary[key] = trained[-1].get(key) if trained else None
+    summary["final_coverage"] = trained[-1].get("coverage") if trained else None
+    summary["final_coverage_split"] = trained[-1].get("coverage_split") if trained else None
     summary["failed_replies"] = sum(len(r.get("failures", [])) for r in trained)
     summary["wall_s"] = rows[-1].get("elapsed_s") if rows else None
     return summary
@@ -406,7 +408,8 @@ def _si(value: float | None, unit: str) -> str:
 def markdown_table(
     summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[str], target: float | None, metric: str = "accuracy"
 ) -> str:
-    """Mean ± std over seeds per group: the metric (final, best), rounds to target, per-participant costs.
+    """Mean ± std over seeds per group: the metric (final, best, and final per seed in seed order), rounds to target,
+    the model's coverage at the end (mean over seeds), per-participant costs.
 
     Columns "final <metric>", "best <metric>" and "rounds to <metric> >= / <= target"
     (for accuracy, as before: "final acc", "best acc", "rounds to 80%"); no
@@ -418,9 +421,9 @@ def markdown_table(
     for s in summaries:
         groups[_group_key(s, group_axes)].append(s)
     reach_header = [] if target is None else [_reach_header(metric, target)]
-    header = [*group_axes, "seeds", f"final {name}", f"best {name}", *reach_header,
-              "FLOPs / participant / round", "bytes down / participant / round", "bytes up / participant / round",
-              "peak memory / participant", "trained params / participant", "failed replies"]
+    header = [*group_axes, "seeds", f"final {name}", f"best {name}", f"final {name} per seed", *reach_header,
+              "coverage at end", "FLOPs / participant / round", "bytes down / participant / round",
+              "bytes up / participant / round", "peak memory / participant", "trained params / participant", "failed replies"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, runs in groups.items():
         finals = [r[f"final_{metric}"] for r in runs if r.get(f"final_{metric}") is not None]
@@ -432,9 +435,14 @@ def markdown_table(
             values = [r[name] for r in runs if r.get(name) is not None]
             return statistics.fmean(values) if values else None
 
+        by_seed = sorted(runs, key=lambda r: (r.get("seed") is None, r.get("seed")))
+        per_seed = " / ".join(
+            "—" if r.get(f"final_{metric}") is None else f"{r[f'final_{metric}']:.{digits}f}" for r in by_seed
+        )
+        covered = cost("final_coverage")
         cells = [str(v) for _, v in key] + [
-            str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), *([reach] if reach_header else []),
-            _si(cost("flops_max_per_round"), "FLOP"), _si(cost("bytes_down_max_per_round"), "B"),
+            str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), per_seed, *([reach] if reach_header else []),
+            "—" if covered is None else f"{covered:.3f}", _si(cost("flops_max_per_round"), "FLOP"), _si(cost("bytes_down_max_per_round"), "B"),
             _si(cost("bytes_up_max_per_round"), "B"), _si(cost("peak_memory_bytes_max_per_round"), "B"),
             _si(cost("trained_params_max_per_round"), ""),
             str(sum(r["failed_replies"] for r in runs)),
@@ -469,6 +477,8 @@ PLOTS = {
 """Plot name (after ``<metric>_``) -> x-axis label and x of a row."""
 
 
+COVERAGE_LABEL = "coverage: fraction of the model's elements trained so far"
+
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -480,15 +490,20 @@ def curve_styles(variants: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def plot_curves(
-    results_dir: Path, loaded: Sequence[tuple[RunSpec, list[dict]]], group_axes: Sequence[str], metric: str = "accuracy"
+    results_dir: Path,
+    loaded: Sequence[tuple[RunSpec, list[dict]]],
+    group_axes: Sequence[str],
+    metric: str = "accuracy",
+    plots: Mapping[str, tuple[str, Any]] = PLOTS,
+    ylabel: str | None = None,
 ) -> list[Path]:
-    """PNG plots of ``metric``, one curve per variant (mean over seeds, band = ± std), per group of the other axes.
+    """PNG plots of a row quantity (``metric``), one curve per variant (mean over seeds, band = ± std), per group of the other axes.
 
-    Files ``<metric>_vs_round``, ``<metric>_vs_participant_flops`` and
-    ``<metric>_vs_participant_bytes`` (plus ``__<axis>=<value>`` per group);
-    perplexity on a logarithmic y-axis.
+    Files ``<metric>_<plot>`` for each of ``plots`` (by default ``vs_round``,
+    ``vs_participant_flops`` and ``vs_participant_bytes``), plus
+    ``__<axis>=<value>`` per group; perplexity on a logarithmic y-axis.
+    Runs whose rows lack ``metric`` (stored before it existed) are left out.
     """
-    _check_metric(metric)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,9 +517,11 @@ def plot_curves(
     paths = []
     for key, variants in groups.items():
         suffix = "".join(f"__{_slug(a)}={_slug(v)}" for a, v in key)
-        for name, (xlabel, x_of) in PLOTS.items():
+        for name, (xlabel, x_of) in plots.items():
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for variant, runs in variants.items():
+                if not all(any(r.get(metric) is not None for r in rows) for _, rows in runs):
+                    continue
                 xs, means, stds = _curves(runs, x_of, metric)
                 if name != "vs_round":  # a log cost axis; round 0 (no cost yet) has no place on it
                     kept = [i for i, x in enumerate(xs) if x > 0]
@@ -519,7 +536,7 @@ def plot_curves(
             if metric == "perplexity":
                 ax.set_yscale("log")
             title = ", ".join(f"{a}={v}" for a, v in key) or "all runs"
-            ax.set(xlabel=xlabel, ylabel=f"test {metric} of the global model", title=title)
+            ax.set(xlabel=xlabel, ylabel=ylabel or f"test {metric} of the global model", title=title)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
@@ -546,5 +563,6 @@ def write_report(matrix: Matrix, specs: Sequence[RunSpec], results_dir: Path) ->
     md_path.write_text(
         f"{len(loaded)} of {len(specs)} runs finished.\n\n" + markdown_table(summaries, group_axes, matrix.target, matrix.metric)
     )
-    return [csv_path, md_path, *plot_curves(results_dir, loaded, group_axes, matrix.metric)]
+    coverage = plot_curves(results_dir, loaded, group_axes, "coverage", {"vs_round": PLOTS["vs_round"]}, COVERAGE_LABEL)
+    return [csv_path, md_path, *plot_curves(results_dir, loaded, group_axes, matrix.metric), *coverage]
 

@@ -9,10 +9,10 @@
 
 from .language import GPT2LM, TransformerLM
 from .layers import Scaler
-from .registry import MODELS, ModelSettings, build_model, model_class, model_factory
+from .registry import MODELS, OUTPUT_SCALINGS, ModelSettings, build_model, model_class, model_factory
 from .vision import FashionCNN, ImageClassifier, PreResNet18
 
 __all__ = [
-    "GPT2LM", "MODELS", "FashionCNN", "ImageClassifier", "ModelSettings", "PreResNet18", "Scaler",
+    "GPT2LM", "MODELS", "OUTPUT_SCALINGS", "FashionCNN", "ImageClassifier", "ModelSettings", "PreResNet18", "Scaler",
     "TransformerLM", "build_model", "model_class", "model_factory",
 ]  # fmt: skip

@@ -30,7 +30,7 @@ def classifier_scaler(rate: float, enabled: bool) -> Scaler:
     It keeps the full model's logits at the scale a slice trained them at, but
     it also multiplies the slice's logits and the head's effective learning rate
     by 1/r and 1/r²; at r = 1/16 a slice then no longer learns at all (README,
-    Results). ``classifier-scaler = false`` turns it off; the hidden layers'
+    Results). It is on with ``output-scaling = "scaler"`` only; the hidden layers'
     Scalers stay.
     """
     return Scaler(rate if enabled else 1.0)

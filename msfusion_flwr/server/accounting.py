@@ -11,6 +11,7 @@ from logging import WARNING
 from flwr.app import Message
 from flwr.supercore import log
 
+from ..engine.groups import IndexPlan
 from ..protocol import METRICS, WEIGHT_KEY, message_array_bytes
 
 COST_METRICS = {
@@ -40,6 +41,8 @@ class RoundTraffic:
     train_loss: float = math.nan
     costs: list[dict[str, float]] = field(default_factory=list)
     server_costs: dict[str, float] = field(default_factory=dict)
+    plans: list[IndexPlan] | None = None
+    """The accepted participants' index plans (None: full-model replies, Flower's FedAvg)."""
     sent_bytes: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 

@@ -2,7 +2,7 @@
 
 Every ``checkpoint-every`` rounds (after the round's metrics row is written)
 the server writes ``<output-dir>/checkpoint.pt``: the global model, the round,
-the RNG states (python, numpy, torch), the strategy's node profiles (kept for
+the RNG states (python, numpy, torch), the coverage masks, the strategy's node profiles (kept for
 inspection; a restarted run queries its nodes again, as node ids may change),
 the reporter's cumulative cost totals and the resolved run config. Every write
 is atomic: a temporary file in the same folder, flushed and fsynced, then
@@ -71,6 +71,7 @@ def save_checkpoint(
     run: RunConfig,
     profiles: Mapping[int, Any] | None = None,
     cumulative_totals: Mapping[int, Mapping[str, float]] | None = None,
+    coverage: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``<output_dir>/checkpoint.pt`` atomically (state after ``server_round``)."""
     payload = {
@@ -83,6 +84,7 @@ def save_checkpoint(
             for node, p in (profiles or {}).items()
         },
         "cumulative_totals": {int(p): dict(t) for p, t in (cumulative_totals or {}).items()},
+        "coverage": {k: v.clone() for k, v in (coverage or {}).items()},
         "config": comparable(run.to_dict()),
     }
     return atomic_save(payload, Path(output_dir) / CHECKPOINT_FILE)

@@ -79,6 +79,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
         "seed": run.seed,
         "query_timeout": federation.round_timeout,
         "node_wait_timeout": federation.node_wait_timeout,
+        "calibrate": run.model.calibrated,
     }
     if method.name in DISTILLATION_METHODS:
         return EnsembleDistillation(

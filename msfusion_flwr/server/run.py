@@ -33,6 +33,7 @@ from flwr.supercore import log
 
 from ..config import RunConfig
 from ..data import DataUnavailableError, check_partitions, load_test_set, model_kwargs
+from ..engine.coverage import Coverage, CoverageRound
 from ..engine.groups import SplitSpec
 from ..models import build_model
 from ..models.evaluation import evaluate
@@ -45,9 +46,16 @@ from .reporting import RunReporter
 from .rounds import run_rounds
 
 
-def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTraffic | None, wall_s: float) -> dict[str, Any]:
+def round_row(
+    server_round: int,
+    metrics: Mapping[str, float],
+    traffic: RoundTraffic | None,
+    wall_s: float,
+    coverage: CoverageRound | None = None,
+) -> dict[str, Any]:
     """One row of metrics.jsonl."""
     traffic = traffic or RoundTraffic()
+    covered = coverage or CoverageRound(0.0, 0.0, 0.0, {})
     return {
         "round": server_round,
         "accuracy": metrics.get("accuracy"),
@@ -60,6 +68,10 @@ def round_row(server_round: int, metrics: Mapping[str, float], traffic: RoundTra
         "failures": traffic.failures,
         "per_participant": traffic.costs,
         "server_costs": traffic.server_costs,
+        "coverage": covered.model,
+        "coverage_round": covered.model_round,
+        "coverage_split": covered.split,
+        "coverage_by_tensor": covered.by_tensor,
         "wall_s": wall_s,
     }
 
@@ -122,11 +134,13 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
     strategy = make_strategy(run, spec)
     preflight(grid, run, strategy)  # before anything is written: a mistake here loses nothing
     meter: TrafficMeter = strategy.meter
+    coverage = Coverage(spec, global_model.state_dict())
     federation, outputs = run.federation, run.outputs
     first_round = 1
     if checkpoint is None:
         if outputs.resume:
             log(INFO, "resume: no checkpoint in %s, starting from scratch", outputs.output_dir)
+        global_model.load_state_dict(strategy.initial_state(global_model.state_dict()))
         reporter = RunReporter(outputs.output_dir, run)
     else:
         first_round = int(checkpoint["round"]) + 1
@@ -135,6 +149,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
             outputs.output_dir, run, resume_round=first_round - 1, cumulative_totals=checkpoint["cumulative_totals"]
         )
         restore_rng_states(checkpoint["rng"])
+        coverage.load(checkpoint.get("coverage", {}))
         log(INFO, "resume: continuing %s after round %d", reporter.output_dir, first_round - 1)
     failures = FailureWatch(federation.max_failed_rounds)
     round_start = time.perf_counter()
@@ -147,7 +162,11 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
             metrics = evaluate(global_model, test_set)
         traffic = meter.rounds.get(server_round)
         started = traffic.started if traffic else round_start
-        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started))
+        covered = None
+        if traffic is not None:
+            plans = traffic.plans if traffic.plans is not None else [spec.full_plan()] * len(traffic.participants)
+            covered = coverage.update(plans)
+        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started, covered))
         failures.record(server_round, traffic)
         round_start = time.perf_counter()
         return MetricRecord(metrics) if metrics else None
@@ -161,6 +180,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
                 run,
                 profiles=getattr(strategy, "profiles", None),
                 cumulative_totals=reporter.cumulative.totals,
+                coverage=coverage.state(),
             )
             log(INFO, "checkpoint after round %d: %s", server_round, path)
 

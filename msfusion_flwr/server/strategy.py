@@ -39,7 +39,8 @@ class SubmodelStrategy(Strategy):
     Each round: sample participants (seeded), rank them by partition id, ask
     the policy for each one's plan at its budget, send each one only its
     slices, check every reply against its plan, and fuse the accepted replies
-    with overlap-aware aggregation.
+    with overlap-aware aggregation. With ``calibrate`` (``output-scaling =
+    "calibrated"``) the engine keeps the output layer on the slices' scale.
     """
 
     def __init__(
@@ -52,8 +53,10 @@ class SubmodelStrategy(Strategy):
         seed: int = 0,
         query_timeout: float | None = None,
         node_wait_timeout: float = math.inf,
+        calibrate: bool = False,
     ) -> None:
         self.spec = spec
+        self.calibrate = calibrate
         self.policy = policy
         self.budgets = budgets
         self.fraction_train = fraction_train
@@ -77,6 +80,21 @@ class SubmodelStrategy(Strategy):
     def profiles(self) -> dict[int, NodeProfile]:
         """The profiles of the nodes seen so far (node id -> profile)."""
         return self.nodes.profiles
+
+    def initial_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global model to start from: ``state``, with calibrated output layers scaled so that slices start
+        from the layers' default initialisation.
+
+        Calibrated slicing divides an output layer by the fraction f of its
+        inputs a slice holds; starting the global layer at f times its default
+        initialisation (f of a participant at the run's ``split-ratio``) makes a
+        slice start exactly where a plain narrow model would.
+        """
+        if not self.calibrate:
+            return state
+        request = PlanRequest(self.spec.widths, self.budgets.default, 0, 1, 1, 0, self.seed)
+        factors = self.spec.calibration(self.policy.assign(request).plan)
+        return {k: v * factors[k] if k in factors else v for k, v in state.items()}
 
     def profile(self, node: int) -> NodeProfile:
         """A node's profile (:meth:`NodeDirectory.profile`)."""
@@ -115,7 +133,7 @@ class SubmodelStrategy(Strategy):
                 seed=self.seed,
             )
             assignment = self.policy.assign(request)
-            sub_state = slice_state(self._global, self.spec, assignment.plan)
+            sub_state = slice_state(self._global, self.spec, assignment.plan, self.calibrate)
             self._plans[node] = assignment.plan
             self._rates[node] = assignment.rate
             self._expected[node] = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in sub_state.items()}
@@ -152,6 +170,7 @@ class SubmodelStrategy(Strategy):
         timeout = "" if self.nodes.query_timeout is None else f" ({self.nodes.query_timeout:g} s)"
         failures += [f"{self.nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
         self.meter.received(server_round, accepted, failures)
+        self.meter.rounds[server_round].plans = [self._plans[r.metadata.src_node_id] for r in accepted]
         self._accepted = accepted
         if not accepted:
             return None, None
@@ -163,7 +182,7 @@ class SubmodelStrategy(Strategy):
             )
             for r in accepted
         ]
-        merged = aggregate(self._global, self.spec, updates)
+        merged = aggregate(self._global, self.spec, updates, self.calibrate)
         return ArrayRecord(merged), training_metrics(accepted)
 
     def configure_evaluate(
@@ -195,6 +214,10 @@ class MeteredFedAvg(FedAvg):
     def profiles(self) -> dict[int, NodeProfile]:
         """The profiles of the nodes seen so far (node id -> profile)."""
         return self.nodes.profiles
+
+    def initial_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global model to start from: ``state`` itself (the full model needs no calibration)."""
+        return state
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
