@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
@@ -44,11 +46,80 @@ def error_summary(reason: str, limit: int = 300) -> str:
     return summary if len(summary) <= limit else summary[: limit - 3] + "..."
 
 
-def check_reply(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """Why ``reply`` must be left out, or None when it matches the plan sent.
+@dataclass(frozen=True)
+class MetricRule:
+    """What the server accepts for one training metric of a reply: a finite number, maybe whole, at least ``minimum``."""
+
+    required: bool = False
+    integer: bool = False
+    minimum: float = -math.inf
+
+
+TRAIN_METRICS: dict[str, MetricRule] = {
+    WEIGHT_KEY: MetricRule(required=True, integer=True, minimum=1),
+    "partition-id": MetricRule(required=True, integer=True, minimum=0),
+    "train-loss": MetricRule(required=True),
+    "train-ce": MetricRule(minimum=0),
+    "train-contrastive": MetricRule(),
+    "train-steps": MetricRule(integer=True, minimum=0),
+    "train-time-s": MetricRule(minimum=0),
+    "trained-params": MetricRule(integer=True, minimum=0),
+    "train-flops": MetricRule(minimum=0),
+    "peak-memory-bytes": MetricRule(minimum=0),
+}
+"""Every reply metric the server reads (accounting, logs, the aggregated training metrics); others are ignored."""
+
+
+def check_metrics(metrics: MetricRecord, partition_id: int | None = None, max_examples: float = math.inf) -> str | None:
+    """Why a reply's training metrics must be left out, or None.
+
+    Each metric of :data:`TRAIN_METRICS` present must be a finite number
+    (``int`` or ``float``, not a list) that satisfies its rule; the example
+    count may not exceed ``max_examples`` (the run's training examples, when
+    the server knows them), and ``partition-id`` must be the one the node
+    declared (``partition_id``, when known).
+    """
+    for name, rule in TRAIN_METRICS.items():
+        if name not in metrics:
+            if rule.required:
+                return f"metrics lack '{name}'"
+            continue
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"metric '{name}' must be a number, got {type(value).__name__}"
+        if not math.isfinite(value):
+            return f"metric '{name}' is not finite ({value!r})"
+        if rule.integer and value != int(value):
+            return f"metric '{name}' must be a whole number, got {value!r}"
+        if value < rule.minimum:
+            return f"metric '{name}' must be at least {rule.minimum:g}, got {value!r}"
+    if metrics[WEIGHT_KEY] > max_examples:
+        return f"{WEIGHT_KEY} {metrics[WEIGHT_KEY]:g} exceeds the run's {max_examples:g} training examples"
+    if partition_id is not None and int(metrics["partition-id"]) != partition_id:
+        return f"partition-id {int(metrics['partition-id'])} is not the node's ({partition_id})"
+    return None
+
+
+def check_reply(
+    reply: Message,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    partition_id: int | None = None,
+    max_examples: float = math.inf,
+) -> str | None:
+    """Why ``reply`` must be left out, or None when it matches the plan sent and its metrics pass :func:`check_metrics`.
 
     ``expected``: array name -> (shape, numpy dtype name) of what was sent.
+    Never raises: a reply that cannot even be read is left out with the reason.
     """
+    try:
+        return _check_reply(reply, expected, partition_id, max_examples)
+    except Exception as exc:  # a malformed reply must not take the server down
+        return f"unreadable reply ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+
+
+def _check_reply(
+    reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]], partition_id: int | None, max_examples: float
+) -> str | None:
     if reply.has_error():
         return f"error reply ({error_summary(reply.error.reason)})"
     content = reply.content
@@ -65,16 +136,15 @@ def check_reply(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], st
             return f"{key} has dtype {array.dtype}, expected {dtype}"
         if not torch.isfinite(torch.from_numpy(array.numpy())).all():
             return f"{key} has non-finite values"
-    count = metrics.get(WEIGHT_KEY)
-    if not isinstance(count, int | float) or not count > 0:
-        return f"{WEIGHT_KEY} must be positive, got {count!r}"
-    return None
+    return check_metrics(metrics, partition_id, max_examples)
 
 
 def training_metrics(replies: Sequence[Message]) -> MetricRecord:
-    """Example-weighted mean of the replies' training metrics (partition ids left out)."""
+    """Example-weighted mean of the replies' training metrics (:data:`TRAIN_METRICS` only, partition ids left out)."""
     records = [
-        RecordDict({METRICS: MetricRecord({k: v for k, v in r.content[METRICS].items() if k != "partition-id"})})
+        RecordDict(
+            {METRICS: MetricRecord({k: v for k, v in r.content[METRICS].items() if k in TRAIN_METRICS and k != "partition-id"})}
+        )
         for r in replies
     ]
     return aggregate_metricrecords(records, WEIGHT_KEY)

@@ -103,7 +103,11 @@ class FailureWatch:
 
 
 def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
-    """Before round 1: wait for the nodes, learn their profiles, check the partitions they will load."""
+    """Before round 1: wait for the nodes, learn their profiles, check the partitions they will load.
+
+    Where the server has the training data, a reply may then claim at most the
+    run's training examples (``strategy.max_examples``).
+    """
     federation = run.federation
     nodes = wait_for_nodes(grid, federation.min_available_nodes, federation.node_wait_timeout)
     strategy.nodes.learn(grid, nodes)
@@ -117,6 +121,7 @@ def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
             log(INFO, "partitions not checked (the server has no training data: %s)", error)
             return
         log(INFO, "%d partitions of %d training examples (smallest %d, largest %d)", num_partitions, sum(sizes), min(sizes), max(sizes))
+        strategy.max_examples = max(sum(sizes), strategy.max_examples if strategy.max_examples < math.inf else 0)
 
 
 def run_server(grid: Grid, run: RunConfig) -> Path:

@@ -30,7 +30,7 @@ from ..engine.slicing import slice_state
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
 from .accounting import TrafficMeter
 from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
-from .replies import check_reply, error_summary, training_metrics
+from .replies import TRAIN_METRICS, check_reply, training_metrics
 
 
 class SubmodelStrategy(Strategy):
@@ -70,6 +70,8 @@ class SubmodelStrategy(Strategy):
         self._rates: dict[int, float] = {}
         self._expected: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._accepted: list[Message] = []
+        self.max_examples = math.inf
+        """The most examples a reply may claim (the run's training examples, set before round 1 when the server knows them)."""
 
     def summary(self) -> None:
         log(INFO, "\t├── policy %s, budgets %s", self.policy, self.budgets)
@@ -99,6 +101,11 @@ class SubmodelStrategy(Strategy):
     def profile(self, node: int) -> NodeProfile:
         """A node's profile (:meth:`NodeDirectory.profile`)."""
         return self.nodes.profile(node)
+
+    def _partition_id(self, node: int) -> int | None:
+        """The partition id ``node`` declared, if it was queried."""
+        profile = self.nodes.profiles.get(node)
+        return None if profile is None else profile.partition_id
 
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
         """This round's participants, ordered by partition id (their rank).
@@ -161,7 +168,11 @@ class SubmodelStrategy(Strategy):
         for reply in sorted(replies, key=lambda r: self.nodes.rank_key(r.metadata.src_node_id)):
             node = reply.metadata.src_node_id
             replied.add(node)
-            reason = check_reply(reply, self._expected[node]) if node in self._expected else "not sampled"
+            reason = (
+                check_reply(reply, self._expected[node], self._partition_id(node), self.max_examples)
+                if node in self._expected
+                else "not sampled"
+            )
             if reason is None:
                 accepted.append(reply)
             else:
@@ -209,6 +220,9 @@ class MeteredFedAvg(FedAvg):
         self.meter = TrafficMeter()
         self.node_wait_timeout = node_wait_timeout
         self.nodes = NodeDirectory(query_timeout)
+        self.max_examples = math.inf
+        """The most examples a reply may claim (as :attr:`SubmodelStrategy.max_examples`)."""
+        self._expected: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {}
 
     @property
     def profiles(self) -> dict[int, NodeProfile]:
@@ -224,14 +238,41 @@ class MeteredFedAvg(FedAvg):
     ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        shapes = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
+        self._expected = {m.metadata.dst_node_id: shapes for m in messages}
         self.meter.sent(server_round, messages)
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        accepted = [r for r in replies if not r.has_error()]
-        failures = [f"node {r.metadata.src_node_id}: error reply ({error_summary(r.error.reason)})" for r in replies if r.has_error()]
+        """Flower's FedAvg over the replies that pass :func:`~.replies.check_reply` against the full model sent.
+
+        The others are left out with their reasons (Flower's own checks would
+        stop the run on one inconsistent reply); the accepted replies' metrics
+        are narrowed to the training metrics they all carry, which is what
+        Flower's FedAvg requires.
+        """
+        accepted, failures, replied = [], [], set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            replied.add(node)
+            profile = self.nodes.profiles.get(node)
+            reason = (
+                check_reply(reply, self._expected[node], None if profile is None else profile.partition_id, self.max_examples)
+                if node in self._expected
+                else "not sampled"
+            )
+            if reason is None:
+                accepted.append(reply)
+            else:
+                failures.append(f"{self.nodes.describe(node)}: {reason}")
+        missing = sorted(set(self._expected) - replied, key=self.nodes.rank_key)
+        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout" for n in missing]
         self.meter.received(server_round, accepted, failures)
-        return super().aggregate_train(server_round, replies)
+        common = set(TRAIN_METRICS).intersection(*(r.content[METRICS].keys() for r in accepted)) if accepted else set()
+        for reply in accepted:
+            metrics = reply.content[METRICS]
+            reply.content = RecordDict({ARRAYS: reply.content[ARRAYS], METRICS: MetricRecord({k: metrics[k] for k in common})})
+        return super().aggregate_train(server_round, accepted)
+
