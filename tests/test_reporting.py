@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from msfusion_flwr.config import RunConfig
 from msfusion_flwr.server.reporting import CURVES_FILE, RunReporter, plot_curves, read_metrics, round_line
 
 
@@ -28,7 +29,7 @@ def test_round_line_shows_perplexity_only_for_language_model_rows():
 
 def test_plot_curves_writes_png_for_language_model_and_classification_rows(tmp_path):
     """curves.png for LM rows (perplexity, some rounds not evaluated) via RunReporter, and for classification rows."""
-    reporter = RunReporter(tmp_path / "lm", {"num-server-rounds": 3})
+    reporter = RunReporter(tmp_path / "lm", RunConfig.from_mapping({"num-server-rounds": 3}))
     for t, ppl in [(0, 5000.0), (1, None), (2, 300.0), (3, 120.0)]:
         reporter.record_round(row(t, 0.1 * t if ppl else None, math.log(ppl) if ppl else None, perplexity=ppl))
     assert [r["perplexity"] for r in read_metrics(tmp_path / "lm")] == [5000.0, None, 300.0, 120.0]
