@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 
 import torch
@@ -102,11 +102,6 @@ class SubmodelStrategy(Strategy):
         """A node's profile (:meth:`NodeDirectory.profile`)."""
         return self.nodes.profile(node)
 
-    def _partition_id(self, node: int) -> int | None:
-        """The partition id ``node`` declared, if it was queried."""
-        profile = self.nodes.profiles.get(node)
-        return None if profile is None else profile.partition_id
-
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
         """This round's participants, ordered by partition id (their rank).
 
@@ -164,22 +159,8 @@ class SubmodelStrategy(Strategy):
         Replies are taken in rank order, not arrival order, so the float sums
         (and the run) are reproducible.
         """
-        accepted, failures, replied = [], [], set()
-        for reply in sorted(replies, key=lambda r: self.nodes.rank_key(r.metadata.src_node_id)):
-            node = reply.metadata.src_node_id
-            replied.add(node)
-            reason = (
-                check_reply(reply, self._expected[node], self._partition_id(node), self.max_examples)
-                if node in self._expected
-                else "not sampled"
-            )
-            if reason is None:
-                accepted.append(reply)
-            else:
-                failures.append(f"{self.nodes.describe(node)}: {reason}")
-        missing = sorted(set(self._expected) - replied, key=self.nodes.rank_key)
-        timeout = "" if self.nodes.query_timeout is None else f" ({self.nodes.query_timeout:g} s)"
-        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
+        ordered = sorted(replies, key=lambda r: self.nodes.rank_key(r.metadata.src_node_id))
+        accepted, failures = screen_replies(ordered, self._expected, self.nodes, self.max_examples)
         self.meter.received(server_round, accepted, failures)
         self.meter.rounds[server_round].plans = [self._plans[r.metadata.src_node_id] for r in accepted]
         self._accepted = accepted
@@ -253,22 +234,7 @@ class MeteredFedAvg(FedAvg):
         are narrowed to the training metrics they all carry, which is what
         Flower's FedAvg requires.
         """
-        accepted, failures, replied = [], [], set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            replied.add(node)
-            profile = self.nodes.profiles.get(node)
-            reason = (
-                check_reply(reply, self._expected[node], None if profile is None else profile.partition_id, self.max_examples)
-                if node in self._expected
-                else "not sampled"
-            )
-            if reason is None:
-                accepted.append(reply)
-            else:
-                failures.append(f"{self.nodes.describe(node)}: {reason}")
-        missing = sorted(set(self._expected) - replied, key=self.nodes.rank_key)
-        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout" for n in missing]
+        accepted, failures = screen_replies(list(replies), self._expected, self.nodes, self.max_examples)
         self.meter.received(server_round, accepted, failures)
         common = set(TRAIN_METRICS).intersection(*(r.content[METRICS].keys() for r in accepted)) if accepted else set()
         for reply in accepted:
@@ -276,3 +242,31 @@ class MeteredFedAvg(FedAvg):
             reply.content = RecordDict({ARRAYS: reply.content[ARRAYS], METRICS: MetricRecord({k: metrics[k] for k in common})})
         return super().aggregate_train(server_round, accepted)
 
+
+def screen_replies(
+    replies: Sequence[Message],
+    expected: Mapping[int, Mapping[str, tuple[tuple[int, ...], str]]],
+    nodes: NodeDirectory,
+    max_examples: float,
+) -> tuple[list[Message], list[str]]:
+    """The replies that pass :func:`~.replies.check_reply` (in the order given), and one reason per other reply
+    and per sampled node that did not reply.
+
+    ``expected`` maps each sampled node to the arrays it was sent (name ->
+    shape, dtype); a reply from any other node is left out as not sampled.
+    """
+    accepted, failures, replied = [], [], set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        replied.add(node)
+        profile = nodes.profiles.get(node)
+        partition_id = None if profile is None else profile.partition_id
+        reason = check_reply(reply, expected[node], partition_id, max_examples) if node in expected else "not sampled"
+        if reason is None:
+            accepted.append(reply)
+        else:
+            failures.append(f"{nodes.describe(node)}: {reason}")
+    timeout = "" if nodes.query_timeout is None else f" ({nodes.query_timeout:g} s)"
+    missing = sorted(set(expected) - replied, key=nodes.rank_key)
+    failures += [f"{nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
+    return accepted, failures
