@@ -32,7 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 NODES = 4
-COMMON = {"num-server-rounds": 3, "data-fraction": 0.05, "min-available-nodes": NODES, "eval-every": 3}
+COMMON = {"num-server-rounds": 3, "data-fraction": 0.05, "min-available-nodes": NODES, "eval-every": 3, "classifier-scaler": True}
+"""``classifier-scaler = true`` spelled out: the behaviour before ``output-scaling`` (whose default is now ``calibrated``)."""
 RUNS: dict[str, dict[str, Any]] = {
     "msfusion": {"method": "msfusion", "checkpoint-every": 1},
     "msfusion-fixed-overlap-budgets": {"method": "msfusion", "overlap": 0.5, "budgets": "0.25,0.5,1.0"},
@@ -69,10 +70,18 @@ def current_keys(config: dict[str, Any]) -> dict[str, Any]:
 TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
 
 
+ADDED_COLUMNS = ("coverage",)
+"""Prefixes of metrics.jsonl columns added since fb3f521 (coverage, issue 12): left out so that rows compare."""
+
+
 def strip_timing(value: Any) -> Any:
-    """Metrics rows without wall-clock measurements (and FedDF's timed server costs)."""
+    """Metrics rows without wall-clock measurements (and FedDF's timed server costs) and without added columns."""
     if isinstance(value, dict):
-        return {k: strip_timing(v) for k, v in value.items() if not any(t in k for t in TIMING) and k != "server_costs"}
+        return {
+            k: strip_timing(v)
+            for k, v in value.items()
+            if not any(t in k for t in TIMING) and k != "server_costs" and not k.startswith(ADDED_COLUMNS)
+        }
     if isinstance(value, list):
         return [strip_timing(v) for v in value]
     return value
