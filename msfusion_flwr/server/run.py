@@ -114,6 +114,7 @@ def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
     counts = strategy.nodes.num_partitions()
     if len(counts) > 1:
         log(WARNING, "nodes report different num-partitions %s; checking each", sorted(counts))
+    totals = []
     for num_partitions in sorted(counts):
         try:
             sizes = check_partitions(run.data, num_partitions)
@@ -121,7 +122,9 @@ def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
             log(INFO, "partitions not checked (the server has no training data: %s)", error)
             return
         log(INFO, "%d partitions of %d training examples (smallest %d, largest %d)", num_partitions, sum(sizes), min(sizes), max(sizes))
-        strategy.max_examples = max(sum(sizes), strategy.max_examples if strategy.max_examples < math.inf else 0)
+        totals.append(sum(sizes))
+    if totals:
+        strategy.max_examples = max(totals)
 
 
 def run_server(grid: Grid, run: RunConfig) -> Path:
@@ -169,7 +172,8 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         started = traffic.started if traffic else round_start
         covered = None
         if traffic is not None:
-            plans = traffic.plans if traffic.plans is not None else [spec.full_plan()] * len(traffic.participants)
+            full_model = [spec.full_plan()] if traffic.participants else []  # one full plan covers them all
+            plans = traffic.plans if traffic.plans is not None else full_model
             covered = coverage.update(plans)
         reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started, covered))
         failures.record(server_round, traffic)
