@@ -11,6 +11,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from ..data import one_line
 from ..protocol import ARRAYS, METRICS, WEIGHT_KEY
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -114,7 +115,7 @@ def check_reply(
     try:
         return _check_reply(reply, expected, partition_id, max_examples)
     except Exception as exc:  # a malformed reply must not take the server down
-        return f"unreadable reply ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        return f"unreadable reply ({one_line(exc)})"
 
 
 def _check_reply(
