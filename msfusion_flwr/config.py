@@ -17,7 +17,8 @@ section        type                                        keys
 ``local``      :class:`TrainSettings`                      local-epochs, batch-size, learning-rate, ...
 ``distill``    :class:`DistillSettings`                    distill-*
 ``federation`` :class:`FederationSettings`                 num-server-rounds, fraction-train, ..., node-wait-timeout, seed
-``faults``     :class:`FaultSettings`                      dropout-rate, straggler-rate
+``aggregation`` :class:`~msfusion_flwr.engine.robust.AggregationRule`  aggregation, trim-fraction, aggregation-weights, ...
+``faults``     :class:`FaultSettings`                      dropout-rate, straggler-rate, attack, ...
 ``outputs``    :class:`OutputSettings`                     output-dir, checkpoint-every, resume, participant-state-dir
 =============  ==========================================  =====================================
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTITIONERS, DataSettings
+from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
 from .models import MODELS, OUTPUT_SCALINGS, ModelSettings
 
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
@@ -113,12 +115,20 @@ class FederationSettings:
     seed: int = 0
 
 
+ATTACKS = ("none", "scale", "sign-flip", "random", "inflate-count")
+"""Simulated hostile participants (``attack``), see :mod:`msfusion_flwr.device.faults`."""
+
+
 @dataclass(frozen=True)
 class FaultSettings:
-    """Simulated failures of participants (experiments)."""
+    """Simulated failures and attacks of participants (experiments)."""
 
     dropout_rate: float = 0.0
     straggler_rate: float = 0.0
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    """Fraction of the partitions (a seeded choice, fixed for the run) that attack."""
+    attack_scale: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ SECTIONS: dict[str, type] = {
     "local": TrainSettings,
     "distill": DistillSettings,
     "federation": FederationSettings,
+    "aggregation": AggregationRule,
     "faults": FaultSettings,
     "outputs": OutputSettings,
 }
@@ -283,6 +294,14 @@ KEYS: dict[str, Key] = {
     "seed": Key((("federation", "seed"), ("data", "seed")), _integer(0)),
     "dropout-rate": _key("faults", "dropout_rate", _number(0.0, 1.0, False, True)),
     "straggler-rate": _key("faults", "straggler_rate", _number(0.0, 1.0, False, True)),
+    "attack": _key("faults", "attack", _choice(ATTACKS)),
+    "attack-fraction": _key("faults", "attack_fraction", _number(0.0, 1.0, False, False)),
+    "attack-scale": _key("faults", "attack_scale", _number(0.0, INF, True, True)),
+    "aggregation": _key("aggregation", "statistic", _choice(STATISTICS)),
+    "trim-fraction": _key("aggregation", "trim_fraction", _number(0.0, 0.5, False, True)),
+    "aggregation-weights": _key("aggregation", "weighting", _choice(WEIGHTINGS)),
+    "weight-cap": _key("aggregation", "weight_cap", _number(1.0, INF, False, True)),
+    "clip-updates": _key("aggregation", "clip", _number(0.0, INF, False, True)),
     "round-timeout": _key("federation", "round_timeout", _number(0.0, INF, True, True)),
     "node-wait-timeout": _key("federation", "node_wait_timeout", _number(0.0, INF, True, True)),
     "max-failed-rounds": _key("federation", "max_failed_rounds", _integer(0)),
@@ -309,6 +328,7 @@ class RunConfig:
     local: TrainSettings = field(default_factory=TrainSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    aggregation: AggregationRule = field(default_factory=AggregationRule)
     faults: FaultSettings = field(default_factory=FaultSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
@@ -435,6 +455,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
         raise ConfigError(
             f"config key 'straggler-rate' plus dropout-rate must be below 1, got "
             f"{config['straggler-rate']} + {config['dropout-rate']}"
+        )
+    if config["attack-fraction"] > 0 and config["attack"] == "none":
+        raise ConfigError(
+            f"config key 'attack' must name an attack when attack-fraction > 0, got attack 'none' "
+            f"with attack-fraction {config['attack-fraction']}"
         )
     _check_model_and_data(config)
     num_classes = NUM_CLASSES.get(config["dataset"], 0)

@@ -52,6 +52,14 @@ BAD_VALUES: dict[str, list[object]] = {
     "seed": [-1, 0.5, 1.0, True, False, "0", None],
     "dropout-rate": [-0.1, 1.0, 1, NAN, True, "0.2", None],
     "straggler-rate": [-0.1, 1.0, 1.5, NAN, True, "0.2", None],
+    "attack": ["Scale", "signflip", "", 0, None, True],
+    "attack-fraction": [-0.1, 1.01, NAN, INF, True, "0.2", None],
+    "attack-scale": [0, 0.0, -1.0, INF, NAN, True, "10", None],
+    "aggregation": ["fedmedian", "Median", "krum", "", 0, None],
+    "trim-fraction": [-0.1, 0.5, 0.6, NAN, True, "0.2", None],
+    "aggregation-weights": ["count", "Equal", "", 1, None],
+    "weight-cap": [0.5, 0, -1.0, INF, NAN, True, "2", None],
+    "clip-updates": [-0.1, -1, INF, NAN, True, "1.0", None],
     "round-timeout": [0, 0.0, -1, INF, NAN, True, "60"],
     "node-wait-timeout": [0, 0.0, -1, INF, NAN, True, "60", None],
     "max-failed-rounds": [-1, 1.5, 3.0, True, "3", None],
@@ -142,6 +150,17 @@ VALID_EDGES: list[tuple[str, object]] = [
     ("partitioner", "iid"),
     ("dropout-rate", 0.5),
     ("straggler-rate", 0.3),
+    ("attack", "sign-flip"),
+    ("attack-scale", 1e6),
+    ("aggregation", "median"),
+    ("aggregation", "trimmed-mean"),
+    ("trim-fraction", 0.0),
+    ("trim-fraction", 0.49),
+    ("aggregation-weights", "equal"),
+    ("aggregation-weights", "capped"),
+    ("weight-cap", 1.0),
+    ("clip-updates", 0.0),
+    ("clip-updates", 1.5),
     ("round-timeout", 1),
     ("node-wait-timeout", 0.5),
     ("max-failed-rounds", 0),
@@ -201,6 +220,10 @@ RANGES = {
     "distill-temperature": ("num", 0, False, None, False),
     "dropout-rate": ("num", 0, True, 1, False),
     "straggler-rate": ("num", 0, True, 1, False),
+    "attack-scale": ("num", 0, False, None, False),
+    "trim-fraction": ("num", 0, True, 0.5, False),
+    "weight-cap": ("num", 1, True, None, False),
+    "clip-updates": ("num", 0, True, None, False),
     "round-timeout": ("num", 0, False, None, False),
     "node-wait-timeout": ("num", 0, False, None, False),
     "max-failed-rounds": ("int", 0, True, None, False),
@@ -254,6 +277,16 @@ def test_dropout_and_straggler_rates_must_leave_someone_training():
         resolve_config({"dropout-rate": 0.6, "straggler-rate": 0.4})
     assert "\n" not in str(info.value)
     assert resolve_config({"dropout-rate": 0.5, "straggler-rate": 0.4})["straggler-rate"] == 0.4
+
+
+def test_attackers_need_an_attack():
+    """attack-fraction > 0 with attack 'none' is a one-line error naming 'attack'; with an attack, [0, 1] is accepted."""
+    with pytest.raises(ConfigError, match="'attack'") as info:
+        resolve_config({"attack-fraction": 0.2})
+    assert "\n" not in str(info.value)
+    for fraction in (0.0, 0.3, 1.0):
+        assert resolve_config({"attack": "random", "attack-fraction": fraction})["attack-fraction"] == fraction
+    assert resolve_config({"attack": "scale"})["attack-fraction"] == 0.0  # no attackers: a clean run of an attack matrix
 
 
 def test_resume_needs_an_output_dir():

@@ -19,8 +19,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from ..data import DataSettings, load_partition, model_kwargs
 from ..engine.slicing import plan_widths
 from ..models import model_class, model_factory
-from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, TrainInstructions, decode_plan, encode_profile
-from .faults import simulate_faults
+from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, WEIGHT_KEY, TrainInstructions, decode_plan, encode_profile
+from .faults import attack_update, is_attacker, simulate_faults
 from .losses import representation
 from .state import keep_as_previous, persist_previous, previous_representation, restore_previous
 from .training import train_local
@@ -66,6 +66,8 @@ def train(message: Message, context: Context) -> Message:
     plan, full_widths = received_plan(content, run.model.name)
     model = make_model(plan_widths(plan), run.split_rate)
     model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
+    attacker = is_attacker(run.faults, run.data.seed, partition_id, num_partitions)
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()} if attacker else None
 
     dataset = load_partition(data, partition_id, num_partitions)
     local = dataclasses.replace(run.local, seed=training_seed(data.seed, run.server_round, partition_id))
@@ -81,7 +83,12 @@ def train(message: Message, context: Context) -> Message:
         persist_previous(context.state, run, partition_id)
 
     metrics["partition-id"] = float(partition_id)
-    reply = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics)})
+    sent = model.state_dict()
+    if received is not None:  # a simulated attacker (attack, attack-fraction)
+        sent, metrics[WEIGHT_KEY] = attack_update(
+            run.faults, received, sent, metrics[WEIGHT_KEY], run.data.seed, run.server_round, partition_id
+        )
+    reply = RecordDict({ARRAYS: ArrayRecord(sent), METRICS: MetricRecord(metrics)})
     return Message(reply, reply_to=message)
 
 

@@ -1,11 +1,14 @@
 """Fusing sub-models back into the global model: overlap-aware aggregation.
 
 Every global element becomes the weighted mean of the values the participants
-whose slice held it sent back; elements nobody held keep their value.
+whose slice held it sent back; elements nobody held keep their value. Robust
+rules (:mod:`.robust`) reweight, clip and replace the mean by an order
+statistic over the same holders.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +16,11 @@ import torch
 from torch import Tensor
 
 from .groups import SplitSpec
+from .robust import AggregationRule, clip_factors, holder_statistic
 from .slicing import flat_positions
+
+PLAIN = AggregationRule()
+"""Plain overlap-aware averaging: every holder's value weighted by its example count."""
 
 
 @dataclass(frozen=True)
@@ -26,36 +33,120 @@ class SubmodelUpdate:
 
 
 def aggregate(
-    global_state: Mapping[str, Tensor], spec: SplitSpec, updates: Sequence[SubmodelUpdate], calibrate: bool = False
+    global_state: Mapping[str, Tensor],
+    spec: SplitSpec,
+    updates: Sequence[SubmodelUpdate],
+    calibrate: bool = False,
+    rule: AggregationRule = PLAIN,
 ) -> dict[str, Tensor]:
     """Overlap-aware aggregation of sub-models into the global state.
 
-    Every element becomes ``sum_k n_k v_k / sum_k n_k`` over the updates whose
-    slice held it; elements held by no update keep their value. Sums run in
-    float64 with ``index_add_`` on flat indices (no per-element Python loop).
-    With ``calibrate``, each update's output-layer values are first multiplied
-    by the fraction of inputs its plan holds (the inverse of
-    :func:`~.slicing.slice_state`'s calibration), so every participant's
-    contribution is on the full model's scale, whatever its budget.
+    With the default ``rule``, every element becomes ``sum_k n_k v_k / sum_k
+    n_k`` over the updates whose slice held it; elements held by no update keep
+    their value. Sums run in float64 with ``index_add_`` on flat indices (no
+    per-element Python loop), one tensor at a time. With ``calibrate``, each
+    update's output-layer values are first multiplied by the fraction of inputs
+    its plan holds (the inverse of :func:`~.slicing.slice_state`'s
+    calibration), so every participant's contribution is on the full model's
+    scale, whatever its budget. Any other :class:`~.robust.AggregationRule`
+    reweights the updates, clips their deltas and/or replaces the mean by an
+    order statistic over the holders (:mod:`.robust`).
     """
-    positions = [spec.positions(u.plan) for u in updates]
-    factors = [spec.calibration(u.plan) if calibrate else {} for u in updates]
+    held = _Holders(global_state, spec, updates, calibrate)
+    weights = rule.weights([u.weight for u in updates])
+    factors = clip_factors(*held.delta_norms(), rule.clip) if rule.clip > 0 else [1.0] * len(updates)
     merged = {}
     for key, current in global_state.items():
-        numel = current.numel()
-        total = torch.zeros(numel, dtype=torch.float64)
-        weight = torch.zeros(numel, dtype=torch.float64)
-        for update, pos, factor in zip(updates, positions, factors, strict=True):
-            flat = flat_positions(current.shape, pos.get(key, ())).reshape(-1)
-            values = update.state[key].reshape(-1).to(torch.float64)
-            if key in factor:
-                values = values * factor[key]
-            total.index_add_(0, flat, values * update.weight)
-            weight.index_add_(0, flat, torch.full((flat.numel(),), float(update.weight), dtype=torch.float64))
-        held = weight > 0
-        out = current.reshape(-1).to(torch.float64).clone()
-        out[held] = total[held] / weight[held]
+        contributions = held.values(key, factors)
+        if rule.statistic == "mean":
+            out = _weighted_mean(current, contributions, weights)
+        else:
+            out = _order_statistic(current, contributions, rule)
         if not current.is_floating_point():
             out = out.round()
         merged[key] = out.view(current.shape).to(current.dtype)
     return merged
+
+
+class _Holders:
+    """Per tensor, where every update's values sit in the global tensor and what they are, on the global scale."""
+
+    def __init__(
+        self, global_state: Mapping[str, Tensor], spec: SplitSpec, updates: Sequence[SubmodelUpdate], calibrate: bool
+    ) -> None:
+        self.global_state = global_state
+        self.updates = updates
+        self.positions = [spec.positions(u.plan) for u in updates]
+        self.factors = [spec.calibration(u.plan) if calibrate else {} for u in updates]
+
+    def _one(self, key: str, k: int) -> tuple[Tensor, Tensor]:
+        current = self.global_state[key]
+        flat = flat_positions(current.shape, self.positions[k].get(key, ())).reshape(-1)
+        values = self.updates[k].state[key].reshape(-1).to(torch.float64)
+        if key in self.factors[k]:
+            values = values * self.factors[k][key]
+        return flat, values
+
+    def values(self, key: str, clip: Sequence[float]) -> list[tuple[Tensor, Tensor]]:
+        """(flat positions, values) of every update for ``key``; deltas of floating tensors scaled by ``clip``."""
+        out = []
+        for k, factor in enumerate(clip):
+            flat, values = self._one(key, k)
+            if factor != 1.0 and self.global_state[key].is_floating_point():
+                start = self.global_state[key].reshape(-1).to(torch.float64)[flat]
+                values = start + factor * (values - start)
+            out.append((flat, values))
+        return out
+
+    def delta_norms(self) -> tuple[list[float], list[int]]:
+        """Per update, the squared L2 norm of its delta over its floating-point elements, and their number."""
+        norms, sizes = [0.0] * len(self.updates), [0] * len(self.updates)
+        for key, current in self.global_state.items():
+            if not current.is_floating_point():
+                continue
+            base = current.reshape(-1).to(torch.float64)
+            for k in range(len(self.updates)):
+                flat, values = self._one(key, k)
+                norms[k] += float((values - base[flat]).square().sum())
+                sizes[k] += flat.numel()
+        return norms, sizes
+
+
+def _weighted_mean(current: Tensor, held: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]) -> Tensor:
+    numel = current.numel()
+    total = torch.zeros(numel, dtype=torch.float64)
+    weight = torch.zeros(numel, dtype=torch.float64)
+    for (flat, values), w in zip(held, weights, strict=True):
+        total.index_add_(0, flat, values * w)
+        weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+    any_held = weight > 0
+    out = current.reshape(-1).to(torch.float64).clone()
+    out[any_held] = total[any_held] / weight[any_held]
+    return out
+
+
+ORDER_CHUNK = 2**24
+"""Most (participants x elements) float64 entries an order statistic sorts at once (128 MiB)."""
+
+
+def _order_statistic(current: Tensor, held: Sequence[tuple[Tensor, Tensor]], rule: AggregationRule) -> Tensor:
+    """:func:`~.robust.holder_statistic` of every element, in chunks of elements so memory stays bounded."""
+    numel = current.numel()
+    out = current.reshape(-1).to(torch.float64).clone()
+    if not held:
+        return out
+    ordered = []
+    for flat, values in held:
+        order = torch.argsort(flat)
+        ordered.append((flat[order], values[order]))
+    step = max(1, ORDER_CHUNK // len(held))
+    for start in range(0, numel, step):
+        stop = min(numel, start + step)
+        dense = torch.full((len(held), stop - start), math.nan, dtype=torch.float64)
+        for row, (flat, values) in enumerate(ordered):
+            lo, hi = torch.searchsorted(flat, torch.tensor([start, stop])).tolist()
+            dense[row, flat[lo:hi] - start] = values[lo:hi]
+        statistic, any_held = holder_statistic(dense, rule.statistic, rule.trim_fraction)
+        chunk = out[start:stop]
+        chunk[any_held] = statistic[any_held]
+    return out

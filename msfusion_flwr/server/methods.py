@@ -59,11 +59,14 @@ def global_widths(run: RunConfig) -> dict[str, int] | None:
 def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = None) -> SubmodelStrategy | MeteredFedAvg:
     """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy.
 
-    Distillation methods (``feddf``) also get the server set: ``server_set``,
+    ``fedavg`` with a robust aggregation rule (anything but the plain
+    example-weighted mean) runs through the engine too, every participant
+    holding the whole model (:class:`~msfusion_flwr.engine.policies.FullWidth`),
+    since Flower's FedAvg has no such rule. Distillation methods (``feddf``) also get the server set: ``server_set``,
     or else the run's server slice (:func:`~msfusion_flwr.data.load_server_set`).
     """
     method, federation = run.method, run.federation
-    if method.name == "fedavg":
+    if method.name == "fedavg" and run.aggregation.plain:
         return MeteredFedAvg(
             node_wait_timeout=federation.node_wait_timeout,
             query_timeout=federation.round_timeout,
@@ -71,7 +74,8 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
             min_train_nodes=1,
             min_available_nodes=federation.min_available_nodes,
         )
-    policy = POLICIES[DISTILLATION_METHODS.get(method.name, method.name)](method)
+    name = "fedavg-small" if method.name == "fedavg" else DISTILLATION_METHODS.get(method.name, method.name)
+    policy = POLICIES[name](method)
     budgets = Budgets(method.split_ratio, method.budgets)
     options = {
         "fraction_train": federation.fraction_train,
@@ -80,6 +84,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
         "query_timeout": federation.round_timeout,
         "node_wait_timeout": federation.node_wait_timeout,
         "calibrate": run.model.calibrated,
+        "rule": run.aggregation,
     }
     if method.name in DISTILLATION_METHODS:
         return EnsembleDistillation(

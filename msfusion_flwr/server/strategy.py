@@ -23,9 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
-from ..engine.fusion import SubmodelUpdate, aggregate
+from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate
 from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import IndexPolicy, PlanRequest
+from ..engine.robust import AggregationRule
 from ..engine.slicing import slice_state
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
 from .accounting import TrafficMeter
@@ -39,8 +40,10 @@ class SubmodelStrategy(Strategy):
     Each round: sample participants (seeded), rank them by partition id, ask
     the policy for each one's plan at its budget, send each one only its
     slices, check every reply against its plan, and fuse the accepted replies
-    with overlap-aware aggregation. With ``calibrate`` (``output-scaling =
-    "calibrated"``) the engine keeps the output layer on the slices' scale.
+    with overlap-aware aggregation under ``rule`` (plain averaging, or a robust
+    rule: :mod:`msfusion_flwr.engine.robust`). With ``calibrate``
+    (``output-scaling = "calibrated"``) the engine keeps the output layer on
+    the slices' scale.
     """
 
     def __init__(
@@ -54,9 +57,11 @@ class SubmodelStrategy(Strategy):
         query_timeout: float | None = None,
         node_wait_timeout: float = math.inf,
         calibrate: bool = False,
+        rule: AggregationRule = PLAIN,
     ) -> None:
         self.spec = spec
         self.calibrate = calibrate
+        self.rule = rule
         self.policy = policy
         self.budgets = budgets
         self.fraction_train = fraction_train
@@ -76,6 +81,7 @@ class SubmodelStrategy(Strategy):
     def summary(self) -> None:
         log(INFO, "\t├── policy %s, budgets %s", self.policy, self.budgets)
         log(INFO, "\t├── width groups %s", self.spec.widths)
+        log(INFO, "\t├── aggregation %s", self.rule)
         log(INFO, "\t└── fraction-train %.2f, min available nodes %d", self.fraction_train, self.min_available_nodes)
 
     @property
@@ -174,7 +180,7 @@ class SubmodelStrategy(Strategy):
             )
             for r in accepted
         ]
-        merged = aggregate(self._global, self.spec, updates, self.calibrate)
+        merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule)
         return ArrayRecord(merged), training_metrics(accepted)
 
     def configure_evaluate(
