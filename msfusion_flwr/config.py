@@ -18,6 +18,7 @@ section        type                                        keys
 ``distill``    :class:`DistillSettings`                    distill-*
 ``federation`` :class:`FederationSettings`                 num-server-rounds, fraction-train, ..., node-wait-timeout, seed
 ``aggregation`` :class:`~msfusion_flwr.engine.robust.AggregationRule`  aggregation, trim-fraction, aggregation-weights, ...
+``privacy``    :class:`PrivacySettings`                    dp-clip, dp-noise-multiplier, dp-delta
 ``faults``     :class:`FaultSettings`                      dropout-rate, straggler-rate, attack, ...
 ``outputs``    :class:`OutputSettings`                     output-dir, checkpoint-every, resume, participant-state-dir
 =============  ==========================================  =====================================
@@ -115,6 +116,22 @@ class FederationSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy of the participants' data (:mod:`msfusion_flwr.server.privacy`)."""
+
+    clip: float = 0.0
+    """C: every participant clips its update (sub-model minus the slice received) to this L2 norm; 0: off."""
+    noise_multiplier: float = 0.0
+    """z: the server adds Gaussian noise of std z * C to every element's sum over its holders; 0: off."""
+    delta: float = 1e-5
+
+    @property
+    def enabled(self) -> bool:
+        """True when the server adds noise (a run with a privacy guarantee)."""
+        return self.noise_multiplier > 0
+
+
 ATTACKS = ("none", "scale", "sign-flip", "random", "inflate-count")
 """Simulated hostile participants (``attack``), see :mod:`msfusion_flwr.device.faults`."""
 
@@ -149,6 +166,7 @@ SECTIONS: dict[str, type] = {
     "distill": DistillSettings,
     "federation": FederationSettings,
     "aggregation": AggregationRule,
+    "privacy": PrivacySettings,
     "faults": FaultSettings,
     "outputs": OutputSettings,
 }
@@ -302,6 +320,9 @@ KEYS: dict[str, Key] = {
     "aggregation-weights": _key("aggregation", "weighting", _choice(WEIGHTINGS)),
     "weight-cap": _key("aggregation", "weight_cap", _number(1.0, INF, False, True)),
     "clip-updates": _key("aggregation", "clip", _number(0.0, INF, False, True)),
+    "dp-clip": _key("privacy", "clip", _number(0.0, INF, False, True)),
+    "dp-noise-multiplier": _key("privacy", "noise_multiplier", _number(0.0, INF, False, True)),
+    "dp-delta": _key("privacy", "delta", _number(0.0, 1.0, True, True)),
     "round-timeout": _key("federation", "round_timeout", _number(0.0, INF, True, True)),
     "node-wait-timeout": _key("federation", "node_wait_timeout", _number(0.0, INF, True, True)),
     "max-failed-rounds": _key("federation", "max_failed_rounds", _integer(0)),
@@ -329,6 +350,7 @@ class RunConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     aggregation: AggregationRule = field(default_factory=AggregationRule)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
@@ -461,6 +483,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'attack' must name an attack when attack-fraction > 0, got attack 'none' "
             f"with attack-fraction {config['attack-fraction']}"
         )
+    _check_privacy(config)
     _check_model_and_data(config)
     num_classes = NUM_CLASSES.get(config["dataset"], 0)
     if num_classes and config["classes-per-partition"] > num_classes:
@@ -476,6 +499,24 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     if config["resume"] and not config["output-dir"]:
         raise ConfigError("config key 'resume' needs 'output-dir' set (the run to continue), got output-dir ''")
     return config
+
+
+DP_REQUIRES = {"dp-clip": "> 0", "aggregation": "mean", "aggregation-weights": "equal", "clip-updates": 0.0}
+"""What a run with dp-noise-multiplier > 0 needs: clipped updates, an unweighted mean (example counts are
+private), no clipping bound taken from the round's updates (data-dependent)."""
+
+
+def _check_privacy(config: Mapping[str, Any]) -> None:
+    """Noise calibrated to the clipping bound needs the aggregation that the privacy analysis assumes."""
+    if config["dp-noise-multiplier"] == 0:
+        return
+    for key, needed in DP_REQUIRES.items():
+        ok = config[key] > 0 if needed == "> 0" else config[key] == needed
+        if not ok:
+            raise ConfigError(
+                f"config key {key!r} must be {needed!r} with dp-noise-multiplier > 0 "
+                f"(server/privacy.py says why), got {config[key]!r}"
+            )
 
 
 def _check_model_and_data(config: Mapping[str, Any]) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from .config import FaultSettings, RunConfig, TrainSettings, section
+from .config import FaultSettings, PrivacySettings, RunConfig, TrainSettings, section
 from .data import DataSettings
 from .models import ModelSettings
 
@@ -63,6 +63,7 @@ CLIENT_KEYS = (
     "attack",
     "attack-fraction",
     "attack-scale",
+    "dp-clip",
     "round-timeout",
     "checkpoint-every",
     "participant-state-dir",
@@ -92,6 +93,7 @@ class TrainInstructions:
     data: DataSettings
     local: TrainSettings
     faults: FaultSettings
+    privacy: PrivacySettings
     round_timeout: float
     checkpoint_every: int
     participant_state_dir: str
@@ -109,6 +111,7 @@ class TrainInstructions:
             data=section(flat, "data"),
             local=section(flat, "local"),
             faults=section(flat, "faults"),
+            privacy=section(flat, "privacy"),
             round_timeout=federation.round_timeout,
             checkpoint_every=outputs.checkpoint_every,
             participant_state_dir=outputs.participant_state_dir,

@@ -70,8 +70,8 @@ def current_keys(config: dict[str, Any]) -> dict[str, Any]:
 TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
 
 
-ADDED_COLUMNS = ("coverage",)
-"""Prefixes of metrics.jsonl columns added since fb3f521 (coverage, issue 12): left out so that rows compare."""
+ADDED_COLUMNS = ("coverage", "dp_epsilon")
+"""Prefixes of metrics.jsonl columns added since fb3f521 (coverage, issue 12; dp_epsilon, issue 13): left out so that rows compare."""
 
 
 def strip_timing(value: Any) -> Any:

@@ -21,6 +21,7 @@ from ..engine.slicing import plan_widths
 from ..models import model_class, model_factory
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, WEIGHT_KEY, TrainInstructions, decode_plan, encode_profile
 from .faults import attack_update, is_attacker, simulate_faults
+from .privacy import clip_update
 from .losses import representation
 from .state import keep_as_previous, persist_previous, previous_representation, restore_previous
 from .training import train_local
@@ -67,7 +68,8 @@ def train(message: Message, context: Context) -> Message:
     model = make_model(plan_widths(plan), run.split_rate)
     model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict())
     attacker = is_attacker(run.faults, run.data.seed, partition_id, num_partitions)
-    received = {k: v.detach().clone() for k, v in model.state_dict().items()} if attacker else None
+    needs_received = attacker or run.privacy.clip > 0  # an honest participant without DP keeps one copy
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()} if needs_received else None
 
     dataset = load_partition(data, partition_id, num_partitions)
     local = dataclasses.replace(run.local, seed=training_seed(data.seed, run.server_round, partition_id))
@@ -84,7 +86,9 @@ def train(message: Message, context: Context) -> Message:
 
     metrics["partition-id"] = float(partition_id)
     sent = model.state_dict()
-    if received is not None:  # a simulated attacker (attack, attack-fraction)
+    if received is not None and run.privacy.clip > 0:
+        sent = clip_update(received, sent, run.privacy.clip)
+    if received is not None and attacker:  # a simulated attacker (attack, attack-fraction)
         sent, metrics[WEIGHT_KEY] = attack_update(
             run.faults, received, sent, metrics[WEIGHT_KEY], run.data.seed, run.server_round, partition_id
         )

@@ -38,6 +38,7 @@ def aggregate(
     updates: Sequence[SubmodelUpdate],
     calibrate: bool = False,
     rule: AggregationRule = PLAIN,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Overlap-aware aggregation of sub-models into the global state.
 
@@ -50,16 +51,20 @@ def aggregate(
     calibration), so every participant's contribution is on the full model's
     scale, whatever its budget. Any other :class:`~.robust.AggregationRule`
     reweights the updates, clips their deltas and/or replaces the mean by an
-    order statistic over the holders (:mod:`.robust`).
+    order statistic over the holders (:mod:`.robust`); its ``noise_std`` draws
+    Gaussian noise from ``generator``.
     """
     held = _Holders(global_state, spec, updates, calibrate)
     weights = rule.weights([u.weight for u in updates])
     factors = clip_factors(*held.delta_norms(), rule.clip) if rule.clip > 0 else [1.0] * len(updates)
     merged = {}
     for key, current in global_state.items():
+        if rule.noise_std > 0 and not current.is_floating_point():
+            merged[key] = current.clone()  # counters would tell the participants' batch counts
+            continue
         contributions = held.values(key, factors)
         if rule.statistic == "mean":
-            out = _weighted_mean(current, contributions, weights)
+            out = _weighted_mean(current, contributions, weights, rule.noise_std, generator)
         else:
             out = _order_statistic(current, contributions, rule)
         if not current.is_floating_point():
@@ -112,13 +117,21 @@ class _Holders:
         return norms, sizes
 
 
-def _weighted_mean(current: Tensor, held: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]) -> Tensor:
+def _weighted_mean(
+    current: Tensor,
+    held: Sequence[tuple[Tensor, Tensor]],
+    weights: Sequence[float],
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     numel = current.numel()
     total = torch.zeros(numel, dtype=torch.float64)
     weight = torch.zeros(numel, dtype=torch.float64)
     for (flat, values), w in zip(held, weights, strict=True):
         total.index_add_(0, flat, values * w)
         weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+    if noise_std > 0:
+        total += noise_std * torch.randn(numel, generator=generator, dtype=torch.float64)
     any_held = weight > 0
     out = current.reshape(-1).to(torch.float64).clone()
     out[any_held] = total[any_held] / weight[any_held]

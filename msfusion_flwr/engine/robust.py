@@ -19,6 +19,13 @@ clipping) is plain overlap-aware averaging. Its three parts act in order:
    ``floor(β h)`` of h holders), both unweighted like Flower's FedMedian and
    FedTrimmedAvg.
 
+For differential privacy (:mod:`msfusion_flwr.server.privacy`) the rule also
+carries ``noise_std``: Gaussian noise of that std is added to every held
+element's sum over its holders before the division by their (equal) weights,
+so an element held by h participants gets noise of std ``noise_std / h``;
+integer buffers (BatchNorm's batch counters, which count a participant's
+batches) then keep their global value.
+
 Elements held by too few participants for a statistic to exclude anyone fall
 back by its definition: the median of two holders is their mean, of one its
 value; a trimmed mean that trims ``floor(β h) = 0`` holders is their
@@ -50,19 +57,22 @@ class AggregationRule:
     weighting: str = "examples"
     weight_cap: float = 2.0
     clip: float = 0.0
+    noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
             raise ValueError(f"aggregation must be one of {STATISTICS}, not {self.statistic!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"aggregation-weights must be one of {WEIGHTINGS}, not {self.weighting!r}")
+        if self.noise_std > 0 and self.statistic != "mean":
+            raise ValueError("noise is calibrated to a sum: it needs aggregation 'mean'")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim-fraction must be in [0, 0.5), not {self.trim_fraction}")
 
     @property
     def plain(self) -> bool:
         """True for plain overlap-aware averaging (example-weighted mean, no clipping)."""
-        return self.statistic == "mean" and self.weighting == "examples" and self.clip == 0
+        return self.statistic == "mean" and self.weighting == "examples" and self.clip == 0 and self.noise_std == 0
 
     def weights(self, claims: Sequence[float]) -> list[float]:
         """The fusion weight of each reply, from the example counts the replies claim."""

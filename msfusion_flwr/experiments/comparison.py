@@ -362,6 +362,7 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
         summary[key] = trained[-1].get(key) if trained else None
     summary["final_coverage"] = trained[-1].get("coverage") if trained else None
     summary["final_coverage_split"] = trained[-1].get("coverage_split") if trained else None
+    summary["final_dp_epsilon"] = trained[-1].get("dp_epsilon") if trained else None
     summary["failed_replies"] = sum(len(r.get("failures", [])) for r in trained)
     summary["wall_s"] = rows[-1].get("elapsed_s") if rows else None
     return summary
@@ -409,7 +410,8 @@ def markdown_table(
     summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[str], target: float | None, metric: str = "accuracy"
 ) -> str:
     """Mean ± std over seeds per group: the metric (final, best, and final per seed in seed order), rounds to target,
-    the model's coverage at the end (mean over seeds), per-participant costs.
+    the model's coverage at the end (mean over seeds), per-participant costs; for a matrix with private runs
+    (``dp-noise-multiplier`` > 0), also the epsilon spent at the end ("∞" for its runs without noise).
 
     Columns "final <metric>", "best <metric>" and "rounds to <metric> >= / <= target"
     (for accuracy, as before: "final acc", "best acc", "rounds to 80%"); no
@@ -421,8 +423,9 @@ def markdown_table(
     for s in summaries:
         groups[_group_key(s, group_axes)].append(s)
     reach_header = [] if target is None else [_reach_header(metric, target)]
+    private = any(s.get("final_dp_epsilon") is not None for s in summaries)
     header = [*group_axes, "seeds", f"final {name}", f"best {name}", f"final {name} per seed", *reach_header,
-              "coverage at end", "FLOPs / participant / round", "bytes down / participant / round",
+              *(["epsilon at end"] if private else []), "coverage at end", "FLOPs / participant / round", "bytes down / participant / round",
               "bytes up / participant / round", "peak memory / participant", "trained params / participant", "failed replies"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, runs in groups.items():
@@ -439,9 +442,11 @@ def markdown_table(
         per_seed = " / ".join(
             "—" if r.get(f"final_{metric}") is None else f"{r[f'final_{metric}']:.{digits}f}" for r in by_seed
         )
-        covered = cost("final_coverage")
+        covered, spent = cost("final_coverage"), cost("final_dp_epsilon")
+        privacy = ["∞" if spent is None else f"{spent:.3g}"] if private else []
         cells = [str(v) for _, v in key] + [
             str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), per_seed, *([reach] if reach_header else []),
+            *privacy,
             "—" if covered is None else f"{covered:.3f}", _si(cost("flops_max_per_round"), "FLOP"), _si(cost("bytes_down_max_per_round"), "B"),
             _si(cost("bytes_up_max_per_round"), "B"), _si(cost("peak_memory_bytes_max_per_round"), "B"),
             _si(cost("trained_params_max_per_round"), ""),

@@ -22,6 +22,7 @@ from ..engine.policies import (
 from ..models import model_class, model_factory
 from .feddf import EnsembleDistillation
 from .nodes import Budgets
+from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
 
 POLICIES: dict[str, Callable[[MethodSettings], IndexPolicy]] = {
@@ -84,7 +85,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
         "query_timeout": federation.round_timeout,
         "node_wait_timeout": federation.node_wait_timeout,
         "calibrate": run.model.calibrated,
-        "rule": run.aggregation,
+        "rule": private_rule(run.aggregation, run.privacy),
     }
     if method.name in DISTILLATION_METHODS:
         return EnsembleDistillation(

@@ -42,6 +42,7 @@ from .accounting import RoundTraffic, TrafficMeter
 from .checkpoint import restore_rng_states, resume_state, save_checkpoint
 from .methods import global_widths, make_strategy
 from .nodes import wait_for_nodes
+from .privacy import epsilon
 from .reporting import RunReporter
 from .rounds import run_rounds
 
@@ -52,8 +53,9 @@ def round_row(
     traffic: RoundTraffic | None,
     wall_s: float,
     coverage: CoverageRound | None = None,
+    dp_epsilon: float | None = None,
 ) -> dict[str, Any]:
-    """One row of metrics.jsonl."""
+    """One row of metrics.jsonl (``dp_epsilon``: the privacy spent so far, in runs with noise)."""
     traffic = traffic or RoundTraffic()
     covered = coverage or CoverageRound(0.0, 0.0, 0.0, {})
     return {
@@ -72,6 +74,7 @@ def round_row(
         "coverage_round": covered.model_round,
         "coverage_split": covered.split,
         "coverage_by_tensor": covered.by_tensor,
+        "dp_epsilon": dp_epsilon,
         "wall_s": wall_s,
     }
 
@@ -127,6 +130,19 @@ def preflight(grid: Grid, run: RunConfig, strategy: Any) -> None:
         strategy.max_examples = max(totals)
 
 
+def privacy_spent(run: RunConfig, population: int, rounds: int) -> float | None:
+    """Epsilon at ``dp-delta`` after ``rounds`` rounds (:mod:`.privacy`); None in a run without noise."""
+    privacy = run.privacy
+    if not privacy.enabled:
+        return None
+    sampled = max(1, int(population * run.federation.fraction_train))
+    value = epsilon(privacy.noise_multiplier, rounds, sampled, max(population, sampled), privacy.delta)
+    if rounds == 0 or rounds == run.federation.num_server_rounds:
+        log(INFO, "privacy after %d rounds: (epsilon %.3g, delta %g), noise multiplier %g, clip %g, %d of %d nodes per round",
+            rounds, value, privacy.delta, privacy.noise_multiplier, privacy.clip, sampled, population)
+    return value
+
+
 def run_server(grid: Grid, run: RunConfig) -> Path:
     """Train for ``num-server-rounds`` rounds and write the run's outputs.
 
@@ -175,7 +191,8 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
             full_model = [spec.full_plan()] if traffic.participants else []  # one full plan covers them all
             plans = traffic.plans if traffic.plans is not None else full_model
             covered = coverage.update(plans)
-        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started, covered))
+        spent = privacy_spent(run, len(strategy.profiles), server_round)
+        reporter.record_round(round_row(server_round, metrics, traffic, time.perf_counter() - started, covered, spent))
         failures.record(server_round, traffic)
         round_start = time.perf_counter()
         return MetricRecord(metrics) if metrics else None

@@ -31,6 +31,7 @@ from ..engine.slicing import slice_state
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
 from .accounting import TrafficMeter
 from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
+from .privacy import noise_generator
 from .replies import TRAIN_METRICS, check_reply, training_metrics
 
 
@@ -180,7 +181,8 @@ class SubmodelStrategy(Strategy):
             )
             for r in accepted
         ]
-        merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule)
+        noise = noise_generator() if self.rule.noise_std > 0 else None
+        merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule, noise)
         return ArrayRecord(merged), training_metrics(accepted)
 
     def configure_evaluate(
