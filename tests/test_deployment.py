@@ -127,12 +127,7 @@ def _wait_for_round(output_dir: Path, server_round: int, timeout: float) -> None
     raise TimeoutError(f"round {server_round} not reached in {timeout:.0f} s")
 
 
-@pytest.mark.parametrize(
-    "tls",
-    [False, pytest.param(True, marks=pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"))],
-    ids=["insecure", "tls"],
-)
-def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path: Path, tls: bool) -> None:
+def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path: Path) -> None:
     """3 SuperNodes (budgets 0.25/0.5/1.0), 3 rounds of MSfusion; node 2 is killed (SIGKILL) as round 2
     starts and restarted while the server still waits for it: round 2 is aggregated from partitions
     0 and 1, the run goes on, and the restarted node (a new node id) takes part in round 3."""
@@ -140,9 +135,7 @@ def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path
 
     output_dir = tmp_path / "outputs" / "kill"
     config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 45.0}
-    dep = dl.LocalDeployment(
-        nodes=3, budgets=(0.25, 0.5, 1.0), tls=tls, app_dir=app, work_dir=tmp_path / "deploy", node_threads=1
-    )
+    dep = dl.LocalDeployment(nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1)
     results: list = []
     with dep:
         runner = threading.Thread(target=lambda: results.append(dep.run(config, timeout=RUN_TIMEOUT_S)))
@@ -152,7 +145,7 @@ def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path
         dep.restart_supernode(2)  # back (new node id) before round 2's 45 s timeout ends
         runner.join(RUN_TIMEOUT_S)
         assert not runner.is_alive()
-        invalid = [] if tls else [dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)]
+        invalid = dep.run({"split-ratio": 2.0, "output-dir": str(tmp_path / "outputs" / "invalid")}, timeout=120)
     _assert_all_stopped(dep)
     result = results[0]
     assert result.status == "finished:completed", result.log[-4000:]
@@ -166,12 +159,33 @@ def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path
     down = _bytes_down_by_partition(rows[1])  # each node's own split-ratio reached the server
     assert down[0] < down[1] < down[2] == _full_model_bytes(), down
     assert rows[1]["bytes_down"] == sum(down.values())
-    if tls:  # TLS everywhere: the SuperLink serves HTTPS, the CLI and the SuperNodes trust the generated CA
-        certs = tmp_path / "deploy" / "certs"
-        assert all((certs / name).is_file() for name in ("ca.pem", "server.pem", "server.key"))
-        assert "running on https://127.0.0.1:" in (tmp_path / "deploy" / "logs" / "superlink.log").read_text(errors="replace")
-        connection = (dep.flwr_home / "config.toml").read_text()
-        assert f'root-certificates = "{certs / "ca.pem"}"' in connection and "insecure" not in connection
-    else:  # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`
-        assert invalid[0].status == "finished:failed" and invalid[0].returncode == 0
-        assert "invalid run config: config key 'split-ratio'" in invalid[0].log
+    # `flwr run --stream` exits 0 on a failed run too; the status comes from `flwr ls`
+    assert invalid.status == "finished:failed" and invalid.returncode == 0
+    assert "invalid run config: config key 'split-ratio'" in invalid.log
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen")
+def test_with_supernode_auth_an_unregistered_supernode_cannot_join_while_a_registered_one_trains(app: Path, tmp_path: Path) -> None:
+    """TLS and SuperNode authentication: node 0's public key is registered (``flwr supernode register``), node 1's
+    is not; node 1 is refused, the SuperLink lists one node, and the run trains partition 0 alone."""
+    output_dir = tmp_path / "outputs" / "auth"
+    dep = dl.LocalDeployment(nodes=2, auth=True, unregistered=[1], app_dir=app, work_dir=tmp_path / "deploy", node_threads=1)
+    with dep:
+        result = dep.run({**_quick(output_dir, rounds=1, nodes=1), "round-timeout": 60.0}, timeout=RUN_TIMEOUT_S)
+        online = dep.online_nodes()
+    _assert_all_stopped(dep)
+    assert result.status == "finished:completed", result.log[-4000:]
+    assert len(online) == 1
+    logs = tmp_path / "deploy" / "logs"
+    assert "No SuperNode found with the given public key" in (logs / "superlink.log").read_text(errors="replace")
+    rows = _rows(output_dir)
+    assert [row["participants"] for row in rows[1:]] == [[0]]
+    assert rows[1]["per_participant"][0]["partition_id"] == 0
+    # TLS everywhere: the SuperLink serves HTTPS, the CLI and the SuperNodes trust the generated CA
+    certs = tmp_path / "deploy" / "certs"
+    assert all((certs / name).is_file() for name in ("ca.pem", "server.pem", "server.key"))
+    assert "running on https://127.0.0.1:" in (logs / "superlink.log").read_text(errors="replace")
+    connection = (dep.flwr_home / "config.toml").read_text()
+    assert f'root-certificates = "{certs / "ca.pem"}"' in connection and "insecure" not in connection
+    keys = tmp_path / "deploy" / "keys"
+    assert all((keys / name).is_file() for name in ("supernode-0", "supernode-0.pub", "supernode-1", "supernode-1.pub"))

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 from .certificates import generate_certificates
 from .flower import CONNECTION, flower_bin, node_config, toml_value, write_connection
+from .node_keys import generate_node_key
 from .processes import (
     HOST,
     DeploymentError,
@@ -55,6 +56,8 @@ class SuperNodeSpec:
     index: int
     port: int
     node_config: str
+    private_key: Path | None = None
+    """With SuperNode authentication: the key it authenticates with."""
 
 
 @dataclass
@@ -88,6 +91,12 @@ class LocalDeployment:
     processes' logs, the certificates and, unless ``flwr_home`` is given, FLWR_HOME.
     ``node_threads`` caps each SuperNode's CPU threads (``OMP_NUM_THREADS``, read
     by torch in its ClientApp processes) when all nodes share one machine.
+
+    ``auth``: SuperNode authentication (:mod:`.node_keys`; implies TLS). Every
+    SuperNode gets a key pair in ``<work_dir>/keys``; the SuperLink starts with
+    ``--enable-supernode-auth`` and the public keys are registered with ``flwr
+    supernode register`` before the nodes start, except those of the nodes in
+    ``unregistered`` (indices), which then cannot join: a rogue device.
     """
 
     nodes: int = 2
@@ -100,6 +109,8 @@ class LocalDeployment:
     app_dir: Path = field(default_factory=Path.cwd)
     connection: str = CONNECTION
     node_threads: int | None = None
+    auth: bool = False
+    unregistered: Sequence[int] = ()
     cert_sans: Sequence[str] = ()
     grace_s: float = 10.0
     start_timeout_s: float = 90.0
@@ -118,6 +129,11 @@ class LocalDeployment:
         for budget in self.budgets:
             if not 0.0 < float(budget) <= 1.0:
                 raise ValueError(f"budget {budget} must be in (0, 1]")
+        if self.unregistered and not self.auth:
+            raise ValueError("unregistered SuperNodes need auth (without it every node may join)")
+        if not set(self.unregistered) <= set(range(self.nodes)):
+            raise ValueError(f"unregistered {list(self.unregistered)} must be node indices in 0..{self.nodes - 1}")
+        self.tls = self.tls or self.auth  # Flower's SuperNode authentication requires TLS
         self.app_dir = Path(self.app_dir).resolve()
         self.bin = flower_bin()
         self.processes = ProcessSupervisor(grace_s=self.grace_s, say=self._say)
@@ -205,22 +221,28 @@ class LocalDeployment:
         self.superlink_port = free_port()
         command = [str(self.bin / "flower-superlink"), *tls_args, "--host", HOST, "--port", str(self.superlink_port)]
         command += ["--disable-runtime-dependency-installation"]
+        command += ["--enable-supernode-auth"] if self.auth else []
         self.superlink = self._spawn("superlink", command)
-        self._say(f"SuperLink pid {self.superlink.pid} on {self.address} ({'TLS' if self.tls else 'insecure'}), log {self.superlink.log_path}\n  $ {shlex.join(command)}")
+        mode = ("TLS, SuperNode authentication" if self.auth else "TLS") if self.tls else "insecure"
+        self._say(f"SuperLink pid {self.superlink.pid} on {self.address} ({mode}), log {self.superlink.log_path}\n  $ {shlex.join(command)}")
         self._wait_listening(self.superlink)
+        conf = write_connection(self.flwr_home, self.connection, self.address, self.certificates.get("ca"))
+        self._say(f"Connection '{self.connection}' written to {conf}")
 
         self.specs = [
             SuperNodeSpec(i, free_port(), node_config(i, self.nodes, self.budget(i), self.data_dir))  # type: ignore[arg-type]
             for i in range(self.nodes)
         ]
+        if self.auth:
+            for spec in self.specs:
+                spec.private_key, public_key = generate_node_key(self.work_dir / "keys", f"supernode-{spec.index}")
+                if spec.index not in self.unregistered:
+                    self.register_node(public_key)
         self.supernodes = [None] * self.nodes
         for spec in self.specs:
             self._start_supernode(spec)
-
-        conf = write_connection(self.flwr_home, self.connection, self.address, self.certificates.get("ca"))
-        self._say(f"Connection '{self.connection}' written to {conf}")
         if wait_for_nodes:
-            self.wait_for_nodes(self.nodes)
+            self.wait_for_nodes(self.nodes - len(set(self.unregistered)))
 
     def _start_supernode(self, spec: SuperNodeSpec) -> Managed:
         tls_args = ["--root-certificates", str(self.certificates["ca"])] if self.tls else ["--insecure"]
@@ -230,6 +252,8 @@ class LocalDeployment:
             "--host", HOST, "--port", str(spec.port),
             "--node-config", spec.node_config,
         ]  # fmt: skip
+        if spec.private_key is not None:
+            command += ["--auth-supernode-private-key", str(spec.private_key)]
         threads = {} if self.node_threads is None else {"OMP_NUM_THREADS": str(self.node_threads), "MKL_NUM_THREADS": str(self.node_threads)}
         node = self._spawn(f"supernode-{spec.index}", command, threads)
         self.supernodes[spec.index] = node
@@ -259,6 +283,16 @@ class LocalDeployment:
             timeout=timeout,
         )
 
+    def register_node(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); its node id."""
+        done = self.flwr("supernode", "register", str(public_key), self.connection, "--format", "json")
+        try:
+            node_id = int(json.loads(done.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError):
+            raise DeploymentError(f"flwr supernode register {public_key} failed:\n{done.stdout}{done.stderr}") from None
+        self._say(f"Registered SuperNode key {public_key} as node id {node_id}")
+        return node_id
+
     def online_nodes(self) -> list[int]:
         """Node ids the SuperLink reports online (``flwr supernode ls``)."""
         done = self.flwr("supernode", "ls", self.connection, "--format", "json")
@@ -271,8 +305,8 @@ class LocalDeployment:
         """Block until ``count`` SuperNodes are online; their node ids."""
         deadline = time.monotonic() + (timeout or self.start_timeout_s)
         while True:
-            for node in self.supernodes:
-                if node is not None and not node.running():
+            for index, node in enumerate(self.supernodes):
+                if node is not None and not node.running() and index not in self.unregistered:
                     raise DeploymentError(f"{node.name} exited with {node.popen.returncode}:\n{node.log_tail()}")
             online = self.online_nodes()
             if len(online) >= count:
