@@ -320,6 +320,7 @@ KEYS: dict[str, Key] = {
     "aggregation-weights": _key("aggregation", "weighting", _choice(WEIGHTINGS)),
     "weight-cap": _key("aggregation", "weight_cap", _number(1.0, INF, False, True)),
     "clip-updates": _key("aggregation", "clip", _number(0.0, INF, False, True)),
+    "screen-updates": _key("aggregation", "screen", _boolean()),
     "dp-clip": _key("privacy", "clip", _number(0.0, INF, False, True)),
     "dp-noise-multiplier": _key("privacy", "noise_multiplier", _number(0.0, INF, False, True)),
     "dp-delta": _key("privacy", "delta", _number(0.0, 1.0, True, True)),
@@ -501,9 +502,9 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
     return config
 
 
-DP_REQUIRES = {"dp-clip": "> 0", "aggregation": "mean", "aggregation-weights": "equal", "clip-updates": 0.0}
+DP_REQUIRES = {"dp-clip": "> 0", "aggregation": "mean", "aggregation-weights": "equal", "clip-updates": 0.0, "screen-updates": False}
 """What a run with dp-noise-multiplier > 0 needs: clipped updates, an unweighted mean (example counts are
-private), no clipping bound taken from the round's updates (data-dependent)."""
+private), no clipping bound or screening taken from the round's updates (data-dependent)."""
 
 
 def _check_privacy(config: Mapping[str, Any]) -> None:

@@ -60,6 +60,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "aggregation-weights": ["count", "Equal", "", 1, None],
     "weight-cap": [0.5, 0, -1.0, INF, NAN, True, "2", None],
     "clip-updates": [-0.1, -1, INF, NAN, True, "1.0", None],
+    "screen-updates": [1, 0, "true", None],
     "dp-clip": [-0.1, -1, INF, NAN, True, "1.0", None],
     "dp-noise-multiplier": [-0.1, -1, INF, NAN, True, "1.0", None],
     "dp-delta": [0, 0.0, 1.0, 1, -1e-5, NAN, True, "1e-5", None],

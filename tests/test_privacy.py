@@ -104,7 +104,7 @@ def test_device_clips_its_update_to_the_bound_and_keeps_its_direction():
 def test_noise_needs_the_aggregation_its_analysis_assumes():
     """dp-noise-multiplier > 0: dp-clip > 0, the unweighted mean, no clip-updates; each missing one is a one-line error."""
     dp = {"dp-noise-multiplier": 1.0, "dp-clip": 1.0, "aggregation-weights": "equal"}
-    for missing, bad in (("dp-clip", 0.0), ("aggregation-weights", "examples"), ("aggregation", "median"), ("clip-updates", 1.0)):
+    for missing, bad in (("dp-clip", 0.0), ("aggregation-weights", "examples"), ("aggregation", "median"), ("clip-updates", 1.0), ("screen-updates", True)):
         with pytest.raises(ConfigError, match=f"'{missing}'") as info:
             resolve_config({**dp, missing: bad})
         assert "\n" not in str(info.value)

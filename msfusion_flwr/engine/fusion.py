@@ -8,6 +8,7 @@ statistic over the same holders.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,57 @@ def aggregate(
             out = out.round()
         merged[key] = out.view(current.shape).to(current.dtype)
     return merged
+
+
+def aggregate_screened(
+    global_state: Mapping[str, Tensor],
+    spec: SplitSpec,
+    updates: Sequence[SubmodelUpdate],
+    calibrate: bool = False,
+    rule: AggregationRule = PLAIN,
+) -> tuple[dict[str, Tensor], list[int]]:
+    """:func:`aggregate` after leaving out the updates that disagree with the round's consensus; (state, left out).
+
+    The reference is ``rule``'s aggregate of all updates; update k is left out
+    when the cosine between its delta and the reference's delta, over the
+    floating-point elements k held, is <= 0 (:func:`agreement`). If every update
+    is left out, the reference is returned.
+    """
+    plain = dataclasses.replace(rule, screen=False)
+    reference = aggregate(global_state, spec, updates, calibrate, plain)
+    scores = agreement(global_state, spec, updates, calibrate, reference)
+    kept = [k for k, score in enumerate(scores) if score > 0]
+    dropped = [k for k in range(len(updates)) if k not in kept]
+    if not kept:
+        return reference, dropped
+    if not dropped:
+        return reference, []
+    return aggregate(global_state, spec, [updates[k] for k in kept], calibrate, plain), dropped
+
+
+def agreement(
+    global_state: Mapping[str, Tensor],
+    spec: SplitSpec,
+    updates: Sequence[SubmodelUpdate],
+    calibrate: bool,
+    reference: Mapping[str, Tensor],
+) -> list[float]:
+    """Per update, the cosine between its delta and ``reference``'s delta (both from ``global_state``) over the
+    floating-point elements its slice held; 0 where either delta is zero."""
+    held = _Holders(global_state, spec, updates, calibrate)
+    dots, own, ref = [0.0] * len(updates), [0.0] * len(updates), [0.0] * len(updates)
+    for key, current in global_state.items():
+        if not current.is_floating_point():
+            continue
+        base = current.reshape(-1).to(torch.float64)
+        target = reference[key].reshape(-1).to(torch.float64) - base
+        for k in range(len(updates)):
+            flat, values = held._one(key, k)
+            delta, toward = values - base[flat], target[flat]
+            dots[k] += float(delta @ toward)
+            own[k] += float(delta @ delta)
+            ref[k] += float(toward @ toward)
+    return [d / math.sqrt(a * b) if a > 0 and b > 0 else 0.0 for d, a, b in zip(dots, own, ref, strict=True)]
 
 
 class _Holders:

@@ -19,6 +19,16 @@ clipping) is plain overlap-aware averaging. Its three parts act in order:
    ``floor(β h)`` of h holders), both unweighted like Flower's FedMedian and
    FedTrimmedAvg.
 
+With ``screen`` (``screen-updates``), fusion runs twice: the rule's aggregate
+is the reference, every update whose delta points away from the reference's
+delta over the elements it held (cosine <= 0) is left out, and the rule is
+applied again to the others (:func:`~.fusion.aggregate_screened`). Where a
+statistic over two or three holders cannot outvote one hostile value (partial
+training: most elements have few holders), a whole update can still be judged
+against the round's consensus on all of its elements. Combine it with
+``clip-updates``: an unclipped outsized update can be the consensus itself on
+the elements where it is half of the holders.
+
 For differential privacy (:mod:`msfusion_flwr.server.privacy`) the rule also
 carries ``noise_std``: Gaussian noise of that std is added to every held
 element's sum over its holders before the division by their (equal) weights,
@@ -58,21 +68,22 @@ class AggregationRule:
     weight_cap: float = 2.0
     clip: float = 0.0
     noise_std: float = 0.0
+    screen: bool = False
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
             raise ValueError(f"aggregation must be one of {STATISTICS}, not {self.statistic!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"aggregation-weights must be one of {WEIGHTINGS}, not {self.weighting!r}")
-        if self.noise_std > 0 and self.statistic != "mean":
-            raise ValueError("noise is calibrated to a sum: it needs aggregation 'mean'")
+        if self.noise_std > 0 and (self.statistic != "mean" or self.screen):
+            raise ValueError("noise is calibrated to a sum: it needs aggregation 'mean' and no screening")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim-fraction must be in [0, 0.5), not {self.trim_fraction}")
 
     @property
     def plain(self) -> bool:
         """True for plain overlap-aware averaging (example-weighted mean, no clipping)."""
-        return self.statistic == "mean" and self.weighting == "examples" and self.clip == 0 and self.noise_std == 0
+        return self.statistic == "mean" and self.weighting == "examples" and self.clip == 0 and self.noise_std == 0 and not self.screen
 
     def weights(self, claims: Sequence[float]) -> list[float]:
         """The fusion weight of each reply, from the example counts the replies claim."""

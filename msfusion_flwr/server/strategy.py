@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
-from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate
+from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate, aggregate_screened
 from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import IndexPolicy, PlanRequest
 from ..engine.robust import AggregationRule
@@ -181,8 +181,15 @@ class SubmodelStrategy(Strategy):
             )
             for r in accepted
         ]
-        noise = noise_generator() if self.rule.noise_std > 0 else None
-        merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule, noise)
+        if self.rule.screen:
+            merged, dropped = aggregate_screened(self._global, self.spec, updates, self.calibrate, self.rule)
+            if dropped:
+                names = [self.nodes.describe(accepted[k].metadata.src_node_id) for k in dropped]
+                log(INFO, "round %d: screened out (update against the round's consensus): %s", server_round, "; ".join(names))
+                self.meter.rounds[server_round].plans = [u.plan for k, u in enumerate(updates) if k not in dropped]
+        else:
+            noise = noise_generator() if self.rule.noise_std > 0 else None
+            merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule, noise)
         return ArrayRecord(merged), training_metrics(accepted)
 
     def configure_evaluate(
