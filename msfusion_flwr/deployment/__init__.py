@@ -12,8 +12,8 @@ used (the Flower executables come from the venv), so importing this is cheap.
 
 from .certificates import generate_certificates
 from .flower import CONNECTION, parse_budgets
-from .node_keys import generate_node_key
 from .local import LocalDeployment, RunResult
+from .node_keys import generate_node_key
 from .processes import DeploymentError, Interrupted, pid_alive, pids_with_marker
 
 __all__ = [

@@ -21,8 +21,8 @@ from ..engine.slicing import plan_widths
 from ..models import model_class, model_factory
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, WEIGHT_KEY, TrainInstructions, decode_plan, encode_profile
 from .faults import attack_update, is_attacker, simulate_faults
-from .privacy import clip_update
 from .losses import representation
+from .privacy import clip_update
 from .state import keep_as_previous, persist_previous, previous_representation, restore_previous
 from .training import train_local
 
