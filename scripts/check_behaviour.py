@@ -70,7 +70,7 @@ def current_keys(config: dict[str, Any]) -> dict[str, Any]:
 TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
 
 
-ADDED_COLUMNS = ("coverage", "dp_epsilon")
+ADDED_COLUMNS = ("coverage", "dp_epsilon", "screened_out")
 """Prefixes of metrics.jsonl columns added since fb3f521 (coverage, issue 12; dp_epsilon, issue 13): left out so that rows compare."""
 
 

@@ -106,6 +106,34 @@ def test_summaries_and_table_from_hand_made_rows(tmp_path):
     assert "final_perplexity" not in summary  # classification rows (no perplexity key) add no column
 
 
+def test_attack_matrix_summaries_count_screened_attackers_and_epsilon(tmp_path):
+    """Screened-out replies are split into the simulated attackers' and honest ones (from the seeded choice of
+    attackers); a private run's epsilon at the end gets a column, "∞" for a run without noise."""
+    from msfusion_flwr.config import FaultSettings
+    from msfusion_flwr.device.faults import is_attacker
+
+    spec = expand(load_matrix(write_matrix(tmp_path, rounds=2)))[0]
+    spec.config.update({"attack": "sign-flip", "attack-fraction": 0.5})
+    n = spec.num_supernodes
+    attackers = [p for p in range(n) if is_attacker(FaultSettings(attack="sign-flip", attack_fraction=0.5), spec.run.seed, p, n)]
+    honest = [p for p in range(n) if p not in attackers]
+    rows = [
+        {"round": 0, "accuracy": 0.1, "loss": 2.3, "failures": []},
+        {"round": 1, "accuracy": 0.5, "loss": 1.0, "failures": [], "screened_out": [*attackers, honest[0]], "dp_epsilon": 3.0},
+        {"round": 2, "accuracy": 0.6, "loss": 0.9, "failures": [], "screened_out": attackers[:1], "dp_epsilon": 4.5},
+    ]
+    summary = summarize_run(spec, rows, target=0.65)
+    assert summary["screened_attackers"] == len(attackers) + 1 and summary["screened_honest"] == 1
+    assert summary["final_dp_epsilon"] == 4.5
+    clean = {**summary, "variant": "clean", "screened_attackers": 0, "screened_honest": 0, "final_dp_epsilon": None}
+    table = markdown_table([summary, clean], ["variant"], target=None)
+    header = table.splitlines()[0]
+    assert "epsilon at end" in header and header.endswith("screened out: attackers / honest (replies) |")
+    assert f"| {len(attackers) + 1} / 1 |" in table and "| 4.5 |" in table and "| ∞ |" in table
+    plain = markdown_table([clean], ["variant"], target=None)
+    assert "epsilon" not in plain and "screened" not in plain
+
+
 def lm_rows():
     """A language-model run: perplexity falls from 1000 to 150 at round 2, then 180; round 1 not evaluated."""
     ppl = {0: 1000.0, 2: 150.0, 3: 180.0}

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import IGNORED_ON_RESUME, METHODS, ConfigError, RunConfig, comparable, with_defaults
+from ..device.faults import is_attacker
 from ..server.checkpoint import resume_state
 from ..server.reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
@@ -364,6 +365,10 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
     summary["final_coverage_split"] = trained[-1].get("coverage_split") if trained else None
     summary["final_dp_epsilon"] = trained[-1].get("dp_epsilon") if trained else None
     summary["failed_replies"] = sum(len(r.get("failures", [])) for r in trained)
+    screened = [p for r in trained for p in r.get("screened_out") or []]
+    attackers = {p for p in range(spec.num_supernodes) if is_attacker(run.faults, run.seed, p, spec.num_supernodes)}
+    summary["screened_attackers"] = sum(p in attackers for p in screened)
+    summary["screened_honest"] = sum(p not in attackers for p in screened)
     summary["wall_s"] = rows[-1].get("elapsed_s") if rows else None
     return summary
 
@@ -411,7 +416,8 @@ def markdown_table(
 ) -> str:
     """Mean ± std over seeds per group: the metric (final, best, and final per seed in seed order), rounds to target,
     the model's coverage at the end (mean over seeds), per-participant costs; for a matrix with private runs
-    (``dp-noise-multiplier`` > 0), also the epsilon spent at the end ("∞" for its runs without noise).
+    (``dp-noise-multiplier`` > 0), also the epsilon spent at the end ("∞" for its runs without noise); where
+    screening left replies out, how many came from the simulated attackers and how many from honest participants.
 
     Columns "final <metric>", "best <metric>" and "rounds to <metric> >= / <= target"
     (for accuracy, as before: "final acc", "best acc", "rounds to 80%"); no
@@ -424,9 +430,11 @@ def markdown_table(
         groups[_group_key(s, group_axes)].append(s)
     reach_header = [] if target is None else [_reach_header(metric, target)]
     private = any(s.get("final_dp_epsilon") is not None for s in summaries)
+    screening = any(s.get("screened_attackers") or s.get("screened_honest") for s in summaries)
     header = [*group_axes, "seeds", f"final {name}", f"best {name}", f"final {name} per seed", *reach_header,
               *(["epsilon at end"] if private else []), "coverage at end", "FLOPs / participant / round", "bytes down / participant / round",
-              "bytes up / participant / round", "peak memory / participant", "trained params / participant", "failed replies"]
+              "bytes up / participant / round", "peak memory / participant", "trained params / participant", "failed replies",
+              *(["screened out: attackers / honest (replies)"] if screening else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, runs in groups.items():
         finals = [r[f"final_{metric}"] for r in runs if r.get(f"final_{metric}") is not None]
@@ -451,6 +459,7 @@ def markdown_table(
             _si(cost("bytes_up_max_per_round"), "B"), _si(cost("peak_memory_bytes_max_per_round"), "B"),
             _si(cost("trained_params_max_per_round"), ""),
             str(sum(r["failed_replies"] for r in runs)),
+            *([f"{sum(r.get('screened_attackers', 0) for r in runs)} / {sum(r.get('screened_honest', 0) for r in runs)}"] if screening else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

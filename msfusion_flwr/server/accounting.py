@@ -43,6 +43,8 @@ class RoundTraffic:
     server_costs: dict[str, float] = field(default_factory=dict)
     plans: list[IndexPlan] | None = None
     """The accepted participants' index plans (None: full-model replies, Flower's FedAvg)."""
+    screened: list[int] = field(default_factory=list)
+    """Partition ids of accepted replies that screening (``screen-updates``) left out of the aggregate."""
     sent_bytes: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 

@@ -68,6 +68,7 @@ def round_row(
         "bytes_up": traffic.bytes_up,
         "train_loss": None if math.isnan(traffic.train_loss) else traffic.train_loss,
         "failures": traffic.failures,
+        "screened_out": traffic.screened,
         "per_participant": traffic.costs,
         "server_costs": traffic.server_costs,
         "coverage": covered.model,

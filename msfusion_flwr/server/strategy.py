@@ -186,7 +186,9 @@ class SubmodelStrategy(Strategy):
             if dropped:
                 names = [self.nodes.describe(accepted[k].metadata.src_node_id) for k in dropped]
                 log(INFO, "round %d: screened out (update against the round's consensus): %s", server_round, "; ".join(names))
-                self.meter.rounds[server_round].plans = [u.plan for k, u in enumerate(updates) if k not in dropped]
+                traffic = self.meter.rounds[server_round]
+                traffic.plans = [u.plan for k, u in enumerate(updates) if k not in dropped]
+                traffic.screened = [int(accepted[k].content[METRICS]["partition-id"]) for k in dropped]
         else:
             noise = noise_generator() if self.rule.noise_std > 0 else None
             merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule, noise)
