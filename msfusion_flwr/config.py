@@ -484,6 +484,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'attack' must name an attack when attack-fraction > 0, got attack 'none' "
             f"with attack-fraction {config['attack-fraction']}"
         )
+    if config["screen-updates"] and config["clip-updates"] == 0:
+        raise ConfigError(
+            "config key 'screen-updates' needs clip-updates > 0 (it compares directions: an unclipped outsized "
+            "update would set the consensus the others are compared with), got clip-updates 0"
+        )
     _check_privacy(config)
     _check_model_and_data(config)
     num_classes = NUM_CLASSES.get(config["dataset"], 0)

@@ -297,6 +297,13 @@ def test_attackers_need_an_attack():
     assert resolve_config({"attack": "scale"})["attack-fraction"] == 0.0  # no attackers: a clean run of an attack matrix
 
 
+def test_screening_needs_clipping():
+    with pytest.raises(ConfigError, match="'screen-updates'") as info:
+        resolve_config({"screen-updates": True})
+    assert "\n" not in str(info.value)
+    assert resolve_config({"screen-updates": True, "clip-updates": 1.0})["screen-updates"] is True
+
+
 def test_resume_needs_an_output_dir():
     """resume = true without output-dir is a one-line error naming 'resume'; with one it is accepted."""
     with pytest.raises(ConfigError) as info:

@@ -7,6 +7,7 @@ two-group spec of test_splitting (fused blocks, two split dims, integer buffers)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
@@ -259,59 +260,67 @@ def test_slices_of_a_robust_aggregate_stay_consistent(cnn):
         assert changed == sum(int((bumped[k] != sub[k]).sum()) for k in sub)
 
 
-def test_screening_leaves_out_exactly_the_updates_that_point_away_from_the_consensus():
-    """aggregate_screened drops update k iff cos(delta_k, reference delta on k's elements) <= 0, computed here
-    by hand, then aggregates the rest with the same rule."""
+def test_screening_leaves_out_exactly_the_updates_that_point_away_from_the_others():
+    """aggregate_screened drops update k iff the cosine between its delta and the other holders' mean delta, on the
+    elements it shares with them, is <= 0 (computed here element by element), then fuses the rest with the rule."""
     gen = torch.Generator().manual_seed(5)
     spec = tiny_spec()
     global_state = {k: random_tensor(gen, s, TINY_DTYPES.get(k, torch.float32)) for k, s in TINY_SHAPES.items()}
     full = {"g1": [0, 1, 2], "g2": [0, 1, 2, 3]}
-    plans = [full, full, {"g1": [0, 1], "g2": [1, 2, 3]}, {"g1": [0, 2], "g2": [2, 3]}]  # 3: hostile
+    plans = [full, {"g1": [0, 1], "g2": [1, 2, 3]}, {"g1": [1, 2], "g2": [0, 1]}, {"g1": [0, 2], "g2": [2, 3]}]  # 3: hostile
     step = {k: 0.1 * torch.randn(s, generator=gen) for k, s in TINY_SHAPES.items() if k not in TINY_DTYPES}
     updates = []
     for i, plan in enumerate(plans):
-        full = {k: (global_state[k] + (step[k] if i != 3 else -5 * step[k])) if k in step else global_state[k] for k in TINY_SHAPES}
-        sliced = slice_state(full, spec, {g: torch.tensor(u) for g, u in plan.items()})
-        updates.append(SubmodelUpdate({g: torch.tensor(u) for g, u in plan.items()}, sliced, 1.0))
-    rule = AggregationRule(statistic="median", screen=True)
-    merged, dropped = aggregate_screened(global_state, spec, updates, rule=rule)
-    reference = aggregate(global_state, spec, updates, rule=AggregationRule(statistic="median"))
+        noisy = {k: step[k] + 0.05 * torch.randn(step[k].shape, generator=gen) for k in step}
+        moved = {k: (global_state[k] + (noisy[k] if i != 3 else -noisy[k])) if k in step else global_state[k] for k in TINY_SHAPES}
+        updates.append(SubmodelUpdate({g: torch.tensor(u) for g, u in plan.items()}, slice_state(moved, spec, {g: torch.tensor(u) for g, u in plan.items()}), 1.0))
     by_hand = []
-    for plan, update in zip(plans, updates):
-        dot = own = ref = 0.0
+    for k, (plan, update) in enumerate(zip(plans, updates)):
+        sums = {1: [0.0, 0.0, 0.0], 2: [0.0, 0.0, 0.0]}  # over elements shared with >= 1 / >= 2 others
         for key in step:
             for index in itertools.product(*(range(n) for n in TINY_SHAPES[key])):
-                local = local_index(key, index, plan)
-                if local is not None:
-                    d = update.state[key][local].item() - global_state[key][index].item()
-                    r = reference[key][index].item() - global_state[key][index].item()
-                    dot, own, ref = dot + d * r, own + d * d, ref + r * r
+                mine = local_index(key, index, plan)
+                others = [(p, u) for j, (p, u) in enumerate(zip(plans, updates)) if j != k and local_index(key, index, p) is not None]
+                if mine is None or not others:
+                    continue
+                g = global_state[key][index].item()
+                d = update.state[key][mine].item() - g
+                r = sum(u.state[key][local_index(key, index, p)].item() - g for p, u in others) / len(others)
+                for least in (1, 2):
+                    if len(others) >= least:
+                        sums[least] = [sums[least][0] + d * r, sums[least][1] + d * d, sums[least][2] + r * r]
+        dot, own, ref = sums[2] if sums[2][1] > 0 else sums[1]
         by_hand.append(dot / math.sqrt(own * ref))
+    rule = AggregationRule(statistic="median", weighting="equal", screen=True)
+    merged, dropped = aggregate_screened(global_state, spec, updates, rule=rule)
     assert [k for k, c in enumerate(by_hand) if c <= 0] == dropped == [3]
-    expected = aggregate(global_state, spec, updates[:3], rule=AggregationRule(statistic="median"))
+    expected = aggregate(global_state, spec, updates[:3], rule=AggregationRule(statistic="median", weighting="equal"))
     assert all(torch.equal(merged[k], expected[k]) for k in TINY_SHAPES)
-    honest, _ = aggregate_screened(global_state, spec, updates[:3], rule=rule)
-    assert all(torch.equal(honest[k], expected[k]) for k in TINY_SHAPES)  # nothing to screen: the reference
+    honest, none = aggregate_screened(global_state, spec, updates[:3], rule=rule)
+    assert none == [] and all(torch.equal(honest[k], expected[k]) for k in TINY_SHAPES)
 
 
 def test_screening_catches_a_flipped_update_where_the_median_of_two_holders_cannot():
-    """Honest A holds the whole model, honest B a quarter of it, hostile C the whole model and sends -10 x its
-    update, clipped to the round's median size. Where A and C alone hold an element, the median is their mean. Where B holds it too, the
-    median is honest, so the consensus marks C as pointing away, and screening drops it as a whole."""
+    """Honest A holds the whole model, honest B, D and E one quarter of it, hostile C the whole model and sends
+    -10 x its own update. Outside the quarter only A and C hold an element: the median of two is their mean, and
+    there A and C are each other's only co-holder. Judged on the quarter, where each has three others, C points
+    away from the rest and screening drops it as a whole."""
     model = build_model("cnn", {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 16})
     spec, state = SplitSpec.from_model(model), model.state_dict()
     gen = torch.Generator().manual_seed(2)
-    step = {k: 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else torch.zeros_like(v) for k, v in state.items()}
-    trained = {k: state[k] + step[k] for k in state}
-    half = {n: torch.arange(w // 2) for n, w in spec.widths.items()}
-    full = spec.full_plan()
-    honest = [SubmodelUpdate(full, trained, 1.0), SubmodelUpdate(half, slice_state(trained, spec, half), 1.0)]
-    hostile = SubmodelUpdate(full, {k: state[k] - 10 * step[k] for k in state}, 1.0)
-    target = aggregate(state, spec, honest)
-    for clip in (1.0,):  # clipped to the median size first: at 2x (or unclipped) C still sets the consensus where only A and C hold
-        rule = AggregationRule(statistic="median", clip=clip)
-        median = aggregate(state, spec, [*honest, hostile], rule=rule)
-        screened, dropped = aggregate_screened(state, spec, [*honest, hostile], rule=AggregationRule(statistic="median", clip=clip, screen=True))
-        assert dropped == [2], clip
-        assert distance(median, target) > 0.5 * distance(target, state), clip
-        assert distance(screened, aggregate(state, spec, honest, rule=rule)) < 1e-9, clip
+    step = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items() if v.is_floating_point()}
+
+    def trained():  # a common direction (the gradient) plus a participant's own noise
+        return {k: v + step[k] + 0.005 * torch.randn(v.shape, generator=gen) if k in step else v for k, v in state.items()}
+
+    full, quarter = spec.full_plan(), {n: torch.arange(w // 2) for n, w in spec.widths.items()}
+    honest = [SubmodelUpdate(full, trained(), 1.0)]
+    honest += [SubmodelUpdate(quarter, slice_state(trained(), spec, quarter), 1.0) for _ in range(3)]
+    c = trained()
+    hostile = SubmodelUpdate(full, {k: state[k] - 10 * (c[k] - state[k]) for k in state}, 1.0)
+    for rule in (AggregationRule(clip=1.0), AggregationRule(statistic="median", clip=1.0), AggregationRule(weighting="equal", clip=2.0)):
+        screened, dropped = aggregate_screened(state, spec, [*honest, hostile], rule=dataclasses.replace(rule, screen=True))
+        assert dropped == [4], rule
+        target = aggregate(state, spec, honest, rule=rule)
+        assert distance(screened, target) < 1e-9, rule
+        assert distance(aggregate(state, spec, [*honest, hostile], rule=rule), target) > 0.3 * distance(target, state), rule

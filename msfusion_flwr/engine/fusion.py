@@ -81,48 +81,74 @@ def aggregate_screened(
     calibrate: bool = False,
     rule: AggregationRule = PLAIN,
 ) -> tuple[dict[str, Tensor], list[int]]:
-    """:func:`aggregate` after leaving out the updates that disagree with the round's consensus; (state, left out).
+    """:func:`aggregate` of the updates that agree with the others; (state, indices left out).
 
-    The reference is ``rule``'s aggregate of all updates; update k is left out
-    when the cosine between its delta and the reference's delta, over the
-    floating-point elements k held, is <= 0 (:func:`agreement`). If every update
-    is left out, the reference is returned.
+    Update k is left out when its delta points away from the other holders'
+    (cosine <= 0 with their consensus on the elements it shares with them,
+    :func:`agreement`); the rule then fuses the rest. If every update would be
+    left out, none is.
     """
     plain = dataclasses.replace(rule, screen=False)
-    reference = aggregate(global_state, spec, updates, calibrate, plain)
-    scores = agreement(global_state, spec, updates, calibrate, reference)
-    kept = [k for k, score in enumerate(scores) if score > 0]
-    dropped = [k for k in range(len(updates)) if k not in kept]
-    if not kept:
-        return reference, dropped
-    if not dropped:
-        return reference, []
-    return aggregate(global_state, spec, [updates[k] for k in kept], calibrate, plain), dropped
+    scores = agreement(global_state, spec, updates, calibrate, plain)
+    dropped = [k for k, score in enumerate(scores) if score <= 0]
+    if len(dropped) == len(updates):
+        dropped = []
+    kept = [u for k, u in enumerate(updates) if k not in dropped]
+    return aggregate(global_state, spec, kept, calibrate, plain), dropped
 
 
 def agreement(
     global_state: Mapping[str, Tensor],
     spec: SplitSpec,
     updates: Sequence[SubmodelUpdate],
-    calibrate: bool,
-    reference: Mapping[str, Tensor],
+    calibrate: bool = False,
+    rule: AggregationRule = PLAIN,
 ) -> list[float]:
-    """Per update, the cosine between its delta and ``reference``'s delta (both from ``global_state``) over the
-    floating-point elements its slice held; 0 where either delta is zero."""
+    """Per update, the cosine between its delta and the other updates' consensus on the elements it shares with them.
+
+    Deltas are from ``global_state``, clipped as ``rule`` clips them; the
+    consensus on an element is the mean of the other holders' deltas, weighted
+    by ``rule``'s weights (leave-one-out: an update never agrees with itself,
+    which matters in partial training, where many of its elements have no
+    other holder). The cosine runs over the elements it shares with at least
+    two others where there are such elements, else with at least one: where
+    only two participants hold an element, each is the other's whole consensus
+    and an honest update facing a hostile one would look as hostile as it.
+    Floating-point tensors only; 0 for an update that shares no element with
+    another or has a zero delta.
+    """
     held = _Holders(global_state, spec, updates, calibrate)
-    dots, own, ref = [0.0] * len(updates), [0.0] * len(updates), [0.0] * len(updates)
+    weights = rule.weights([u.weight for u in updates])
+    factors = clip_factors(*held.delta_norms(), rule.clip) if rule.clip > 0 else [1.0] * len(updates)
+    # sums[m][k] = (dot, own, reference) of update k over the elements it shares with at least m + 1 others
+    sums = [[[0.0, 0.0, 0.0] for _ in updates] for _ in range(2)]
     for key, current in global_state.items():
         if not current.is_floating_point():
             continue
         base = current.reshape(-1).to(torch.float64)
-        target = reference[key].reshape(-1).to(torch.float64) - base
-        for k in range(len(updates)):
-            flat, values = held._one(key, k)
-            delta, toward = values - base[flat], target[flat]
-            dots[k] += float(delta @ toward)
-            own[k] += float(delta @ delta)
-            ref[k] += float(toward @ toward)
-    return [d / math.sqrt(a * b) if a > 0 and b > 0 else 0.0 for d, a, b in zip(dots, own, ref, strict=True)]
+        deltas = [(flat, values - base[flat]) for flat, values in held.values(key, factors)]
+        total = torch.zeros(current.numel(), dtype=torch.float64)
+        weight = torch.zeros(current.numel(), dtype=torch.float64)
+        holders = torch.zeros(current.numel(), dtype=torch.long)
+        for (flat, delta), w in zip(deltas, weights, strict=True):
+            total.index_add_(0, flat, delta * w)
+            weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+            holders.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.long))
+        for k, ((flat, delta), w) in enumerate(zip(deltas, weights, strict=True)):
+            others = holders[flat] - 1
+            for m in range(2):
+                shared = others > m
+                toward = (total[flat][shared] - w * delta[shared]) / (weight[flat][shared] - w)
+                mine = delta[shared]
+                acc = sums[m][k]
+                acc[0] += float(mine @ toward)
+                acc[1] += float(mine @ mine)
+                acc[2] += float(toward @ toward)
+    scores = []
+    for k in range(len(updates)):
+        dot, a, b = sums[1][k] if sums[1][k][1] > 0 and sums[1][k][2] > 0 else sums[0][k]
+        scores.append(dot / math.sqrt(a * b) if a > 0 and b > 0 else 0.0)
+    return scores
 
 
 class _Holders:

@@ -19,15 +19,15 @@ clipping) is plain overlap-aware averaging. Its three parts act in order:
    ``floor(β h)`` of h holders), both unweighted like Flower's FedMedian and
    FedTrimmedAvg.
 
-With ``screen`` (``screen-updates``), fusion runs twice: the rule's aggregate
-is the reference, every update whose delta points away from the reference's
-delta over the elements it held (cosine <= 0) is left out, and the rule is
-applied again to the others (:func:`~.fusion.aggregate_screened`). Where a
-statistic over two or three holders cannot outvote one hostile value (partial
-training: most elements have few holders), a whole update can still be judged
-against the round's consensus on all of its elements. Combine it with
-``clip-updates``: an unclipped outsized update can be the consensus itself on
-the elements where it is half of the holders.
+With ``screen`` (``screen-updates``), every update is first judged as a
+whole against the others: left out when its (clipped) delta points away from
+the other holders' weighted mean delta on the elements it shares with them
+(cosine <= 0, leave-one-out); the rule then fuses the rest
+(:func:`~.fusion.aggregate_screened`). Where a statistic over two or three
+holders cannot outvote one hostile value (partial training: most elements have
+few holders), a whole update can still be judged on all of its shared
+elements. It needs honest updates to outnumber hostile ones among each
+update's co-holders, and very non-IID honest updates can be left out too.
 
 For differential privacy (:mod:`msfusion_flwr.server.privacy`) the rule also
 carries ``noise_std``: Gaussian noise of that std is added to every held
