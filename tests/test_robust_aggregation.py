@@ -261,7 +261,7 @@ def test_slices_of_a_robust_aggregate_stay_consistent(cnn):
 
 
 def test_screening_leaves_out_exactly_the_updates_that_point_away_from_the_others():
-    """aggregate_screened drops update k iff the cosine between its delta and the other holders' mean delta, on the
+    """aggregate_screened drops update k (here the only one) iff the cosine between its delta and the other holders' mean delta, on the
     elements it shares with them, is <= 0 (computed here element by element), then fuses the rest with the rule."""
     gen = torch.Generator().manual_seed(5)
     spec = tiny_spec()

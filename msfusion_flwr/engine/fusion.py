@@ -85,16 +85,21 @@ def aggregate_screened(
 
     Update k is left out when its delta points away from the other holders'
     (cosine <= 0 with their consensus on the elements it shares with them,
-    :func:`agreement`); the rule then fuses the rest. If every update would be
-    left out, none is.
+    :func:`agreement`), one at a time: the update that disagrees most goes
+    first and the rest are scored again without it, since a hostile update
+    also drags the consensus the honest ones are compared with. The rule then
+    fuses the rest (at least one update is kept).
     """
     plain = dataclasses.replace(rule, screen=False)
-    scores = agreement(global_state, spec, updates, calibrate, plain)
-    dropped = [k for k, score in enumerate(scores) if score <= 0]
-    if len(dropped) == len(updates):
-        dropped = []
-    kept = [u for k, u in enumerate(updates) if k not in dropped]
-    return aggregate(global_state, spec, kept, calibrate, plain), dropped
+    kept = list(range(len(updates)))
+    while len(kept) > 1:
+        scores = agreement(global_state, spec, [updates[k] for k in kept], calibrate, plain)
+        worst = min(range(len(kept)), key=scores.__getitem__)
+        if scores[worst] > 0:
+            break
+        del kept[worst]  # the others' consensus changes without it: score again
+    dropped = [k for k in range(len(updates)) if k not in kept]
+    return aggregate(global_state, spec, [updates[k] for k in kept], calibrate, plain), dropped
 
 
 def agreement(

@@ -22,7 +22,8 @@ clipping) is plain overlap-aware averaging. Its three parts act in order:
 With ``screen`` (``screen-updates``), every update is first judged as a
 whole against the others: left out when its (clipped) delta points away from
 the other holders' weighted mean delta on the elements it shares with them
-(cosine <= 0, leave-one-out); the rule then fuses the rest
+(cosine <= 0, leave-one-out; the worst first, then the others scored again
+without it); the rule then fuses the rest
 (:func:`~.fusion.aggregate_screened`). Where a statistic over two or three
 holders cannot outvote one hostile value (partial training: most elements have
 few holders), a whole update can still be judged on all of its shared
