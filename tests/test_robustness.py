@@ -108,7 +108,7 @@ def test_dropouts_and_stragglers_are_left_out_and_named_and_the_run_goes_on(tmp_
     seed, dropout, straggler = 4, 0.3, 0.2
     out = run_experiment(
         {**QUICK, "seed": seed, "num-server-rounds": 2, "min-available-nodes": 5, "dropout-rate": dropout,
-         "straggler-rate": straggler, "round-timeout": 10.0, "data-fraction": 0.02, "output-dir": str(tmp_path / "run")},
+         "straggler-rate": straggler, "round-timeout": 20.0, "data-fraction": 0.02, "output-dir": str(tmp_path / "run")},
         num_supernodes=5,
     )
     rows = read_metrics(out)
