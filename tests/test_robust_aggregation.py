@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_splitting import TINY_AXES, TINY_DTYPES, TINY_SHAPES, local_shape, random_tensor, ref_positions, tiny_plans, tiny_spec
+from test_splitting import TINY_DTYPES, TINY_SHAPES, local_index, local_shape, random_tensor, tiny_plans, tiny_spec
 
 from msfusion_flwr.config import RunConfig
 from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate, slice_state
@@ -26,21 +26,6 @@ from msfusion_flwr.engine.robust import AggregationRule
 from msfusion_flwr.models import build_model
 from msfusion_flwr.server.methods import make_strategy
 from msfusion_flwr.server.strategy import MeteredFedAvg, SubmodelStrategy
-
-
-def local_index(key: str, index: tuple[int, ...], plan: dict[str, list[int]]) -> tuple[int, ...] | None:
-    """Where global element ``index`` of ``key`` sits in the slice cut with ``plan`` (None: not held)."""
-    local = []
-    for dim, coord in enumerate(index):
-        if dim in TINY_AXES[key]:
-            group, width, unit, blocks = TINY_AXES[key][dim]
-            pos = ref_positions(width, unit, blocks, plan[group])
-            if coord not in pos:
-                return None
-            local.append(pos.index(coord))
-        else:
-            local.append(coord)
-    return tuple(local)
 
 
 def reference_weights(rule: AggregationRule, claims: list[float]) -> list[float]:

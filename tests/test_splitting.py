@@ -256,6 +256,21 @@ def local_shape(key: str, plan: dict[str, list[int]]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def local_index(key: str, index: tuple[int, ...], plan: dict[str, list[int]]) -> tuple[int, ...] | None:
+    """Where global element ``index`` of ``key`` sits in the slice cut with ``plan`` (None: not held)."""
+    local = []
+    for dim, coord in enumerate(index):
+        if dim in TINY_AXES[key]:
+            group, width, unit, blocks = TINY_AXES[key][dim]
+            pos = ref_positions(width, unit, blocks, plan[group])
+            if coord not in pos:
+                return None
+            local.append(pos.index(coord))
+        else:
+            local.append(coord)
+    return tuple(local)
+
+
 def reference_aggregate(global_state, plans, states, weights):
     """Per-element weighted mean over the updates holding each element (Python loops)."""
     out = {}
@@ -264,18 +279,9 @@ def reference_aggregate(global_state, plans, states, weights):
         for index in itertools.product(*(range(n) for n in shape)):
             num, den = Fraction(0), Fraction(0)
             for plan, state, weight in zip(plans, states, weights):
-                local = []
-                for dim, coord in enumerate(index):
-                    if dim in TINY_AXES[key]:
-                        g, k, unit, blocks = TINY_AXES[key][dim]
-                        pos = ref_positions(k, unit, blocks, plan[g])
-                        if coord not in pos:
-                            break
-                        local.append(pos.index(coord))
-                    else:
-                        local.append(coord)
-                else:
-                    value = state[key][tuple(local)].item()
+                local = local_index(key, index, plan)
+                if local is not None:
+                    value = state[key][local].item()
                     num += Fraction(weight) * Fraction(value)
                     den += Fraction(weight)
             if den > 0:
