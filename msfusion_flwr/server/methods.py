@@ -60,11 +60,12 @@ def global_widths(run: RunConfig) -> dict[str, int] | None:
 def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = None) -> SubmodelStrategy | MeteredFedAvg:
     """The strategy named by ``method``: Flower's FedAvg, or the engine with that method's policy.
 
-    ``fedavg`` with a robust aggregation rule (anything but the plain
-    example-weighted mean) runs through the engine too, every participant
+    ``fedavg`` with a robust or private aggregation rule (anything but the
+    plain example-weighted mean) runs through the engine too, every participant
     holding the whole model (:class:`~msfusion_flwr.engine.policies.FullWidth`),
-    since Flower's FedAvg has no such rule. Distillation methods (``feddf``) also get the server set: ``server_set``,
-    or else the run's server slice (:func:`~msfusion_flwr.data.load_server_set`).
+    since Flower's FedAvg has no such rule. Distillation methods (``feddf``)
+    also get the server set: ``server_set``, or else the run's server slice
+    (:func:`~msfusion_flwr.data.load_server_set`).
     """
     method, federation = run.method, run.federation
     if method.name == "fedavg" and run.aggregation.plain:
