@@ -57,7 +57,7 @@ def aggregate(
     """
     held = _Holders(global_state, spec, updates, calibrate)
     weights = rule.weights([u.weight for u in updates])
-    factors = clip_factors(*held.delta_norms(), rule.clip) if rule.clip > 0 else [1.0] * len(updates)
+    factors = held.clip_factors(rule.clip)
     merged = {}
     for key, current in global_state.items():
         if rule.noise_std > 0 and not current.is_floating_point():
@@ -124,7 +124,7 @@ def agreement(
     """
     held = _Holders(global_state, spec, updates, calibrate)
     weights = rule.weights([u.weight for u in updates])
-    factors = clip_factors(*held.delta_norms(), rule.clip) if rule.clip > 0 else [1.0] * len(updates)
+    factors = held.clip_factors(rule.clip)
     # sums[m][k] = (dot, own, reference) of update k over the elements it shares with at least m + 1 others
     sums = [[[0.0, 0.0, 0.0] for _ in updates] for _ in range(2)]
     for key, current in global_state.items():
@@ -132,12 +132,9 @@ def agreement(
             continue
         base = current.reshape(-1).to(torch.float64)
         deltas = [(flat, values - base[flat]) for flat, values in held.values(key, factors)]
-        total = torch.zeros(current.numel(), dtype=torch.float64)
-        weight = torch.zeros(current.numel(), dtype=torch.float64)
+        total, weight = _weighted_sums(current.numel(), deltas, weights)
         holders = torch.zeros(current.numel(), dtype=torch.long)
-        for (flat, delta), w in zip(deltas, weights, strict=True):
-            total.index_add_(0, flat, delta * w)
-            weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+        for flat, _ in deltas:
             holders.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.long))
         for k, ((flat, delta), w) in enumerate(zip(deltas, weights, strict=True)):
             others = holders[flat] - 1
@@ -177,14 +174,20 @@ class _Holders:
 
     def values(self, key: str, clip: Sequence[float]) -> list[tuple[Tensor, Tensor]]:
         """(flat positions, values) of every update for ``key``; deltas of floating tensors scaled by ``clip``."""
+        current = self.global_state[key]
+        base = current.reshape(-1).to(torch.float64) if current.is_floating_point() and any(f != 1.0 for f in clip) else None
         out = []
         for k, factor in enumerate(clip):
             flat, values = self._one(key, k)
-            if factor != 1.0 and self.global_state[key].is_floating_point():
-                start = self.global_state[key].reshape(-1).to(torch.float64)[flat]
+            if factor != 1.0 and base is not None:
+                start = base[flat]
                 values = start + factor * (values - start)
             out.append((flat, values))
         return out
+
+    def clip_factors(self, clip: float) -> list[float]:
+        """Per update, the factor its delta is scaled by (:func:`~.robust.clip_factors`; all 1 with ``clip = 0``)."""
+        return clip_factors(*self.delta_norms(), clip) if clip > 0 else [1.0] * len(self.updates)
 
     def delta_norms(self) -> tuple[list[float], list[int]]:
         """Per update, the squared L2 norm of its delta over its floating-point elements, and their number."""
@@ -200,6 +203,18 @@ class _Holders:
         return norms, sizes
 
 
+def _weighted_sums(
+    numel: int, held: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Per element of a flat tensor of ``numel``: the weighted sum of the holders' values, and of their weights."""
+    total = torch.zeros(numel, dtype=torch.float64)
+    weight = torch.zeros(numel, dtype=torch.float64)
+    for (flat, values), w in zip(held, weights, strict=True):
+        total.index_add_(0, flat, values * w)
+        weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+    return total, weight
+
+
 def _weighted_mean(
     current: Tensor,
     held: Sequence[tuple[Tensor, Tensor]],
@@ -208,11 +223,7 @@ def _weighted_mean(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     numel = current.numel()
-    total = torch.zeros(numel, dtype=torch.float64)
-    weight = torch.zeros(numel, dtype=torch.float64)
-    for (flat, values), w in zip(held, weights, strict=True):
-        total.index_add_(0, flat, values * w)
-        weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+    total, weight = _weighted_sums(numel, held, weights)
     if noise_std > 0:
         total += noise_std * torch.randn(numel, generator=generator, dtype=torch.float64)
     any_held = weight > 0
