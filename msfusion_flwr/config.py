@@ -41,6 +41,7 @@ from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTI
 from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
 from .models import MODELS, OUTPUT_SCALINGS, ModelSettings
 
+WINDOW_LAYOUTS = ("rolling", "blocks")
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
 """``fedavg`` is Flower's own FedAvg on the full model; the others run the
 partial-training strategy with their index policy (see engine/policies.py);
@@ -71,6 +72,8 @@ class MethodSettings:
     overlap: float | str = "auto"
     shift_step: int = 1
     inter_participant_shift: bool = True
+    window_layout: str = "rolling"
+    """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
     fjord_levels: int = 8
 
 
@@ -287,6 +290,7 @@ KEYS: dict[str, Key] = {
     "overlap": _key("method", "overlap", _overlap()),
     "shift-step": _key("method", "shift_step", _integer(0)),
     "inter-participant-shift": _key("method", "inter_participant_shift", _boolean()),
+    "window-layout": _key("method", "window_layout", _choice(WINDOW_LAYOUTS)),
     "fjord-levels": _key("method", "fjord_levels", _integer(1)),
     "distill-steps": _key("distill", "steps", _integer(1)),
     "distill-batch-size": _key("distill", "batch_size", _integer(1)),
@@ -484,6 +488,13 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'attack' must name an attack when attack-fraction > 0, got attack 'none' "
             f"with attack-fraction {config['attack-fraction']}"
         )
+    if config["window-layout"] == "blocks" and config["overlap"] != "auto":
+        raise ConfigError(
+            f"config key 'overlap' must be 'auto' with window-layout 'blocks' (blocks are disjoint; participants "
+            f"holding the same block overlap fully), got {config['overlap']!r}"
+        )
+    if config["window-layout"] == "blocks" and config["method"] != "msfusion":
+        raise ConfigError(f"config key 'window-layout' 'blocks' is an msfusion option, got method {config['method']!r}")
     if config["screen-updates"] and config["clip-updates"] == 0:
         raise ConfigError(
             "config key 'screen-updates' needs clip-updates > 0 (it compares directions: an unclipped outsized "

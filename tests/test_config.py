@@ -25,6 +25,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "split-ratio": [0, 0.0, -0.25, 1.0000001, 2, NAN, INF, True, False, "0.25", None],
     "budgets": ["0.25;0.5", "0,0.5", "0.5,1.5", "a", "0.25,", ",", 0.25, None, True],
     "inter-participant-shift": [1, 0, "true", "yes", None],
+    "window-layout": ["block", "Blocks", "", 0, None, True],
     "output-scaling": ["Calibrated", "", "true", True, 1, None],
     "fjord-levels": [0, -1, 8.0, True, "8"],
     "distill-steps": [0, -1, 50.0, 1.5, True, "50", None],
@@ -285,6 +286,15 @@ def test_dropout_and_straggler_rates_must_leave_someone_training():
         resolve_config({"dropout-rate": 0.6, "straggler-rate": 0.4})
     assert "\n" not in str(info.value)
     assert resolve_config({"dropout-rate": 0.5, "straggler-rate": 0.4})["straggler-rate"] == 0.4
+
+
+def test_block_windows_refuse_a_fixed_overlap_and_other_methods():
+    """window-layout 'blocks' is MSfusion's, with disjoint blocks: a fixed overlap or another method is a one-line error."""
+    for bad, key in (({"overlap": 0.5}, "'overlap'"), ({"method": "fedrolex"}, "'window-layout'")):
+        with pytest.raises(ConfigError, match=key) as info:
+            resolve_config({"window-layout": "blocks", **bad})
+        assert "\n" not in str(info.value)
+    assert resolve_config({"window-layout": "blocks", "shift-step": 0})["window-layout"] == "blocks"
 
 
 def test_attackers_need_an_attack():

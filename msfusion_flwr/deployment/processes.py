@@ -94,6 +94,22 @@ def pids_with_marker(marker: str) -> list[int]:
     return sorted(found)
 
 
+def _carries_other_environment(pid: int, entry: bytes, attempts: int = 5) -> bool:
+    """Whether ``pid``'s environment is readable and lacks ``entry`` (a PID reused by another process).
+
+    A process that is being created or exec'ed can briefly refuse the read; it is retried a few times
+    before the PID counts as unknown (not another process's).
+    """
+    for attempt in range(attempts):
+        try:
+            return entry not in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.1 * (attempt + 1))
+    return False
+
+
 def signal_group(pgid: int, sig: int) -> None:
     """``sig`` to process group ``pgid``; nothing if it is gone."""
     try:
@@ -260,10 +276,7 @@ class ProcessSupervisor:
         for pid in sorted(self.seen_pids | set(pids_with_marker(self.marker))):
             if not pid_alive(pid):
                 continue
-            try:
-                if entry not in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
-                    continue  # the PID was reused by an unrelated process
-            except OSError:
-                pass
+            if _carries_other_environment(pid, entry):
+                continue  # the PID was reused by an unrelated process
             left.append(pid)
         return left

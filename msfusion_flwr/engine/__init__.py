@@ -10,6 +10,7 @@ from .fusion import SubmodelUpdate, aggregate
 from .groups import INPUT_RULES, OUTPUT_RULES, Axis, GroupDecl, IndexPlan, SplitSpec, WidthGroup, axis_positions, resolve_groups
 from .policies import (
     Assignment,
+    BlockShift,
     DoubleShift,
     FullWidth,
     IndexPolicy,
@@ -23,7 +24,7 @@ from .policies import (
 from .slicing import flat_positions, plan_widths, slice_state
 
 __all__ = [
-    "INPUT_RULES", "OUTPUT_RULES", "Assignment", "Axis", "DoubleShift", "FullWidth", "GroupDecl", "IndexPlan",
+    "INPUT_RULES", "OUTPUT_RULES", "Assignment", "Axis", "BlockShift", "DoubleShift", "FullWidth", "GroupDecl", "IndexPlan",
     "IndexPolicy", "OrderedDropout", "PlanRequest", "RandomSubset", "RollingWindow", "SplitSpec", "StaticPrefix",
     "SubmodelUpdate", "WidthGroup", "aggregate", "axis_positions", "flat_positions", "plan_widths", "resolve_groups",
     "slice_state", "window_length",

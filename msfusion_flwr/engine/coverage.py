@@ -36,6 +36,31 @@ class CoverageRound:
     by_tensor: dict[str, tuple[float, float]]
 
 
+def held_masks(spec: SplitSpec, shapes: Mapping[str, torch.Size], plans: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The elements of every tensor that at least one of ``plans`` holds (flat boolean masks); unsplit tensors are held whole."""
+    masks = {k: torch.zeros(shape.numel(), dtype=torch.bool) for k, shape in shapes.items()}
+    for plan in plans:
+        positions = spec.positions(plan)
+        for key, shape in shapes.items():
+            if key in positions:
+                masks[key][flat_positions(shape, positions[key]).reshape(-1)] = True
+            else:
+                masks[key][:] = True
+    return masks
+
+
+def zero_outside(state: Mapping[str, Tensor], spec: SplitSpec, plans: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``state`` with every floating-point element that none of ``plans`` holds set to zero.
+
+    A policy whose plans never cover some elements (the weights between
+    :class:`~.policies.BlockShift`'s blocks) starts its global model with them
+    at zero, so they never add untrained values to the fused model.
+    """
+    shapes = {k: v.shape for k, v in state.items() if v.is_floating_point()}
+    masks = held_masks(spec, shapes, plans)
+    return {k: v * masks[k].reshape(v.shape).to(v.dtype) if k in masks else v for k, v in state.items()}
+
+
 class Coverage:
     """Masks of the elements trained so far, updated with each round's accepted plans."""
 
@@ -47,15 +72,7 @@ class Coverage:
 
     def held(self, plans: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """The elements of every tensor that at least one of ``plans`` holds (flat boolean masks)."""
-        masks = {k: torch.zeros(shape.numel(), dtype=torch.bool) for k, shape in self.shapes.items()}
-        for plan in plans:
-            positions = self.spec.positions(plan)
-            for key, shape in self.shapes.items():
-                if key in positions:
-                    masks[key][flat_positions(shape, positions[key]).reshape(-1)] = True
-                else:
-                    masks[key][:] = True
-        return masks
+        return held_masks(self.spec, self.shapes, plans)
 
     def update(self, plans: Sequence[Mapping[str, Tensor]]) -> CoverageRound:
         """Mark this round's accepted plans; the round's and the cumulative fractions."""

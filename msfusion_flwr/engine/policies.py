@@ -7,7 +7,10 @@ ratio the participant trains at (its Scaler's rate). Every partial-training
 method is one policy over the same engine:
 
 * ``msfusion``: :class:`DoubleShift`, windows spread across participants and
-  rolling across rounds, with adaptive or fixed overlap;
+  rolling across rounds, with adaptive or fixed overlap; or, with
+  ``window-layout = "blocks"``, :class:`BlockShift`, the same double shifting
+  over disjoint blocks of units, so the fused model is an ensemble of narrow
+  models rather than a sum of windows trained apart;
 * ``heterofl``: :class:`StaticPrefix`, the first w units of every group;
 * ``fedrolex``: :class:`RollingWindow`, one window for all participants,
   starting at ``(-(t - 1)) mod K``;
@@ -128,6 +131,62 @@ class DoubleShift:
     def assign(self, request: PlanRequest) -> Assignment:
         plan = self.plan(request.widths, request.ratio, request.rank, request.num_participants, request.server_round)
         return Assignment(plan, request.ratio)
+
+
+def block_count(ratio: float, widths: Mapping[str, int]) -> int:
+    """How many disjoint blocks of ``window_length(ratio, K)`` units every group holds: ``min_g floor(K_g / w_g)``.
+
+    One count for all groups, so block ``b`` of every group is one narrow
+    network; a group whose width is not a multiple of its block length leaves
+    its last units outside every block.
+    """
+    return min(k // window_length(ratio, k) for k in widths.values())
+
+
+@dataclass(frozen=True)
+class BlockShift:
+    """Double shifting over disjoint blocks: rank ``j`` in round ``t`` holds block ``(j + (t - 1) d) mod B``.
+
+    Every group of width ``K`` is cut into ``B = block_count(ratio, widths)``
+    blocks of ``w = window_length(ratio, K)`` consecutive units, at the run's
+    smallest budget ``ratio``. The blocks spread across the round's
+    participants (``inter_participant``; ``False``: everyone holds block
+    ``(t - 1) d mod B``) and roll across rounds by ``d = shift_step`` blocks.
+    A weight between two blocks is never held, so a global model that starts
+    with those weights at zero (:meth:`support`) stays block-diagonal: the
+    fused model is exactly the ensemble of the B narrow models (their logits
+    averaged under calibrated output scaling), each trained by the
+    participants that held its block, and no unit ever sums windows trained
+    apart. A participant trains at ``ratio`` whatever its own budget, which
+    must not be smaller.
+    """
+
+    ratio: float
+    shift_step: int = 1
+    inter_participant: bool = True
+
+    def block_plan(self, widths: Mapping[str, int], block: int) -> IndexPlan:
+        """The units of block ``block`` in every group."""
+        plan = {}
+        for name, k in widths.items():
+            length = window_length(self.ratio, k)
+            plan[name] = torch.arange(block * length, (block + 1) * length)
+        return plan
+
+    def support(self, widths: Mapping[str, int]) -> list[IndexPlan]:
+        """Every plan this policy can assign: one per block."""
+        return [self.block_plan(widths, b) for b in range(block_count(self.ratio, widths))]
+
+    def assign(self, request: PlanRequest) -> Assignment:
+        if request.ratio < self.ratio - 1e-12:
+            raise ValueError(
+                f"window-layout 'blocks' cuts blocks at split ratio {self.ratio}, but partition "
+                f"{request.partition_id} has a budget of {request.ratio}: list it in 'budgets' so blocks are cut at it"
+            )
+        count = block_count(self.ratio, request.widths)
+        offset = request.rank if self.inter_participant else 0
+        block = (offset + (request.server_round - 1) * self.shift_step) % count
+        return Assignment(self.block_plan(request.widths, block), self.ratio)
 
 
 @dataclass(frozen=True)

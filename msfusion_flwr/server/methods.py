@@ -10,6 +10,7 @@ from ..config import METHODS, MethodSettings, RunConfig
 from ..data import load_server_set, model_kwargs
 from ..engine.groups import SplitSpec
 from ..engine.policies import (
+    BlockShift,
     DoubleShift,
     FullWidth,
     IndexPolicy,
@@ -25,12 +26,15 @@ from .nodes import Budgets
 from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
 
+def double_shift(m: MethodSettings) -> IndexPolicy:
+    """MSfusion's policy: rolling windows (:class:`DoubleShift`), or disjoint blocks cut at the smallest budget."""
+    if m.window_layout == "blocks":
+        return BlockShift(min(m.budgets) if m.budgets else m.split_ratio, m.shift_step, m.inter_participant_shift)
+    return DoubleShift(shift_step=m.shift_step, overlap=m.overlap, inter_participant=m.inter_participant_shift)
+
+
 POLICIES: dict[str, Callable[[MethodSettings], IndexPolicy]] = {
-    "msfusion": lambda m: DoubleShift(
-        shift_step=m.shift_step,
-        overlap=m.overlap,
-        inter_participant=m.inter_participant_shift,
-    ),
+    "msfusion": double_shift,
     "heterofl": lambda m: StaticPrefix(),
     "fedrolex": lambda m: RollingWindow(),
     "fd": lambda m: RandomSubset(),

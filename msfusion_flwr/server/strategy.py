@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
+from ..engine.coverage import zero_outside
 from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate, aggregate_screened
 from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import IndexPolicy, PlanRequest
@@ -92,13 +93,17 @@ class SubmodelStrategy(Strategy):
 
     def initial_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The global model to start from: ``state``, with calibrated output layers scaled so that slices start
-        from the layers' default initialisation.
+        from the layers' default initialisation, and the elements no plan of the policy can hold (its
+        ``support``, where it has one) at zero.
 
         Calibrated slicing divides an output layer by the fraction f of its
         inputs a slice holds; starting the global layer at f times its default
         initialisation (f of a participant at the run's ``split-ratio``) makes a
         slice start exactly where a plain narrow model would.
         """
+        support = getattr(self.policy, "support", None)
+        if support is not None:
+            state = zero_outside(state, self.spec, support(self.spec.widths))
         if not self.calibrate:
             return state
         request = PlanRequest(self.spec.widths, self.budgets.default, 0, 1, 1, 0, self.seed)
