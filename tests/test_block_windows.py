@@ -1,0 +1,133 @@
+"""``window-layout = "blocks"``: double shifting over disjoint blocks, and a fused model that is exactly an ensemble.
+
+Definition (groups of widths K_g, block ratio r, M participants, rank j, 1-based round t, shift step d):
+
+* block length ``w_g = max(1, round(r * K_g))``, block count ``B = min_g floor(K_g / w_g)``;
+* block ``b = (j + (t - 1) * d) mod B`` (``b = (t - 1) * d mod B`` without the inter-participant shift);
+* index set of group g: ``{b * w_g, ..., (b + 1) * w_g - 1}``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msfusion_flwr.config import RunConfig
+from msfusion_flwr.engine import BlockShift, PlanRequest, SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
+from msfusion_flwr.engine.coverage import zero_outside
+from msfusion_flwr.models import build_model
+from msfusion_flwr.server.methods import make_strategy
+
+SMALL = {"conv1": 8, "conv2": 16, "conv3": 16, "fc": 32}
+
+
+def request(widths: dict[str, int], ratio: float, rank: int, m: int, t: int) -> PlanRequest:
+    return PlanRequest(widths, ratio, rank, m, t, partition_id=rank)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    widths=st.dictionaries(st.sampled_from("abcd"), st.integers(1, 300), min_size=1, max_size=4),
+    ratio=st.floats(0.01, 1.0),
+    m=st.integers(1, 40),
+    data=st.data(),
+    t=st.integers(1, 60),
+    d=st.integers(0, 7),
+    inter=st.booleans(),
+)
+def test_plan_matches_definition(widths, ratio, m, data, t, d, inter):
+    rank = data.draw(st.integers(0, m - 1))
+    lengths = {g: max(1, round(ratio * k)) for g, k in widths.items()}
+    count = min(k // lengths[g] for g, k in widths.items())
+    block = ((rank if inter else 0) + (t - 1) * d) % count
+    assignment = BlockShift(ratio, d, inter).assign(request(widths, ratio, rank, m, t))
+    assert assignment.rate == ratio
+    for g in widths:
+        assert assignment.plan[g].dtype == torch.int64
+        assert assignment.plan[g].tolist() == list(range(block * lengths[g], (block + 1) * lengths[g]))
+
+
+def test_blocks_are_disjoint_and_rotate_through_every_participant():
+    """At r = 1/4: four disjoint blocks per group; each block held by ranks j = b mod 4 in round 1; over four
+    rounds every participant holds every block once."""
+    widths = {"conv1": 64, "fc": 512}
+    policy = BlockShift(0.25)
+    support = policy.support(widths)
+    assert len(support) == 4
+    for g, k in widths.items():
+        units = torch.cat([plan[g] for plan in support])
+        assert sorted(units.tolist()) == list(range(k))
+    held = {j: {int(policy.assign(request(widths, 0.25, j, 10, t)).plan["fc"][0]) // 128 for t in range(1, 5)} for j in range(10)}
+    assert all(blocks == {0, 1, 2, 3} for blocks in held.values())
+
+
+def test_a_budget_below_the_block_ratio_is_refused_naming_the_partition():
+    with pytest.raises(ValueError, match="partition 3 has a budget of 0.125") as info:
+        BlockShift(0.25).assign(request(SMALL, 0.125, 3, 4, 1))
+    assert "\n" not in str(info.value)
+    assert BlockShift(0.25).assign(request(SMALL, 0.5, 3, 4, 1)).rate == 0.25  # a larger budget trains a block
+
+
+def test_zero_outside_keeps_exactly_the_block_diagonal():
+    """Every weight between unit i of one group and unit o of the next survives iff both lie in one block."""
+    model = build_model("cnn", SMALL)
+    spec = SplitSpec.from_model(model)
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}  # no zero by chance
+    kept = zero_outside(state, spec, BlockShift(0.25).support(spec.widths))
+    w_in, w_out = SMALL["conv1"] // 4, SMALL["conv2"] // 4
+    conv2 = kept["conv2.0.weight"]
+    for o in range(SMALL["conv2"]):
+        for i in range(SMALL["conv1"]):
+            assert bool((conv2[o, i] != 0).all()) == (o // w_out == i // w_in)
+    torch.testing.assert_close(kept["head.bias"], state["head.bias"])  # unsplit tensors are whole
+    torch.testing.assert_close(kept["conv1.0.weight"], state["conv1.0.weight"])  # its input channel is never split
+
+
+def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round():
+    """From the strategy's initial state, and after fusing trained slices (two participants per block), the full
+    model's logits equal the mean of the B narrow block models' logits (each sliced from it as a participant
+    receives it), and the weights between blocks stay zero."""
+    torch.manual_seed(0)
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25})
+    model = build_model("cnn", SMALL)
+    spec = SplitSpec.from_model(model)
+    strategy = make_strategy(run, spec)
+    state = strategy.initial_state(model.state_dict())
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+    def check(global_state: dict[str, torch.Tensor]) -> None:
+        fused = build_model("cnn", SMALL)
+        fused.load_state_dict(global_state)
+        fused.eval()
+        members = []
+        for plan in strategy.policy.support(spec.widths):
+            narrow = build_model("cnn", plan_widths(plan), 0.25)
+            narrow.load_state_dict(slice_state(global_state, spec, plan, calibrate=True))
+            narrow.eval()
+            members.append(narrow(x))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), torch.stack(members).mean(0), rtol=1e-5, atol=1e-5)
+        zeroed = zero_outside(global_state, spec, strategy.policy.support(spec.widths))
+        for key in global_state:
+            torch.testing.assert_close(global_state[key], zeroed[key], rtol=0, atol=0)
+
+    check(state)
+    updates = []
+    for rank in range(8):
+        assignment = strategy.policy.assign(request(spec.widths, 0.25, rank, 8, 3))
+        narrow = build_model("cnn", plan_widths(assignment.plan), assignment.rate)
+        narrow.load_state_dict(slice_state(state, spec, assignment.plan, calibrate=True))
+        optimizer = torch.optim.SGD(narrow.parameters(), lr=0.1)
+        for step in range(3):
+            batch = slice(step * 16 + rank, step * 16 + rank + 16)
+            loss = F.cross_entropy(narrow(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        updates.append(SubmodelUpdate(assignment.plan, narrow.state_dict(), 10.0 + rank))
+    fused_state = aggregate(state, spec, updates, calibrate=True)
+    assert any(not torch.equal(fused_state[k], state[k]) for k in state)
+    check(fused_state)
