@@ -21,12 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .config import ConfigError, RunConfig
-from .data import DataUnavailableError, PartitionError
 from .device import participant
-from .server.checkpoint import resume_state
-from .server.nodes import NodesUnavailable
-from .server.reporting import default_output_dir
-from .server.run import RunAborted, run_server
+
+# The server's modules (and what they import: dp-accounting, scipy, the reporting) load inside the server
+# functions, so a device importing the ClientApp loads only what training needs (tests/test_packaging.py).
 
 
 def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> RunConfig:
@@ -34,6 +32,9 @@ def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str,
 
     A resume whose config differs from its checkpoint's fails here, before any training.
     """
+    from .server.checkpoint import resume_state
+    from .server.reporting import default_output_dir
+
     run = RunConfig.from_mapping({**context_run_config, **(overrides or {})})
     if not run.outputs.output_dir:
         run = run.with_outputs(output_dir=default_output_dir(run.method.name))
@@ -43,6 +44,10 @@ def server_config(context_run_config: Mapping[str, Any], overrides: Mapping[str,
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp that runs :func:`~msfusion_flwr.server.run.run_server` on its run config plus ``overrides``."""
+    from .data import DataUnavailableError, PartitionError
+    from .server.nodes import NodesUnavailable
+    from .server.run import RunAborted, run_server
+
     app = ServerApp()
 
     @app.main()
