@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import datasets
 import huggingface_hub
 import pytest
+
+from msfusion_flwr.data.cache import CACHE_ENV
+
+# Partition indices cached by the tests (and the processes they start) go to a folder of this session,
+# not to the user's ~/.cache.
+os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="msfusion-test-cache-")
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
 from . import fashion_mnist, hub_images, wikitext
+from .cache import cached_partitions
 from .hub_images import HUB_DATASETS
 from .settings import (
     DATASETS,
@@ -63,8 +64,16 @@ def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.n
     """Training-example indices of every partition (for text: training-sequence numbers).
 
     The server slice (``settings.server_fraction``) is never in any partition.
+    Sources that can fingerprint their files (``data_fingerprint``) keep the
+    result on disk (:mod:`.cache`), so a fresh process does not partition again.
     """
-    return source(settings).partition_indices(settings, num_partitions)
+    module = source(settings)
+    fingerprint = getattr(module, "data_fingerprint", None)
+    if fingerprint is None:
+        return module.partition_indices(settings, num_partitions)
+    return cached_partitions(
+        settings, num_partitions, fingerprint(settings), lambda: module.partition_indices(settings, num_partitions)
+    )
 
 
 MIN_PARTITION_SIZE = 2

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .cache import file_fingerprint
 from .partitioning import make_partitioner, server_split
 from .settings import DataSettings, DataUnavailableError
 
@@ -94,6 +95,12 @@ def load_fashion_mnist(data_dir: str = "") -> dict[str, tuple[torch.Tensor, torc
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> standardised float32."""
     return (images.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+
+
+def data_fingerprint(settings: DataSettings) -> list[str]:
+    """A digest of the training label file: what the partitions depend on besides the settings."""
+    folder = locate_fashion_mnist(settings.data_dir)
+    return file_fingerprint([_idx_path(folder, IDX_FILES["train"][1])])  # type: ignore[list-item]
 
 
 def partition_indices(settings: DataSettings, num_partitions: int) -> tuple[np.ndarray, ...]:
