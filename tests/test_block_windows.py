@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msfusion_flwr.config import RunConfig
-from msfusion_flwr.engine import BlockShift, PlanRequest, SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
+from msfusion_flwr.engine import (
+    BlockShift,
+    PlanRequest,
+    SplitSpec,
+    SubmodelUpdate,
+    aggregate,
+    plan_widths,
+    slice_state,
+)
 from msfusion_flwr.engine.coverage import zero_outside
 from msfusion_flwr.models import build_model
 from msfusion_flwr.server.methods import make_strategy
@@ -111,8 +119,8 @@ def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(
         with torch.no_grad():
             torch.testing.assert_close(fused(x), torch.stack(members).mean(0), rtol=1e-5, atol=1e-5)
         zeroed = zero_outside(global_state, spec, strategy.policy.support(spec.widths))
-        for key in global_state:
-            torch.testing.assert_close(global_state[key], zeroed[key], rtol=0, atol=0)
+        for key, value in global_state.items():
+            torch.testing.assert_close(value, zeroed[key], rtol=0, atol=0)
 
     check(state)
     updates = []
