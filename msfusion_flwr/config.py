@@ -73,6 +73,8 @@ class MethodSettings:
     shift_step: int = 1
     inter_participant_shift: bool = True
     window_layout: str = "rolling"
+    block_count: int = 0
+    """``blocks`` layout: how many blocks wide the global model is (0: the full model, every block that fits)."""
     """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
     fjord_levels: int = 8
 
@@ -291,6 +293,7 @@ KEYS: dict[str, Key] = {
     "shift-step": _key("method", "shift_step", _integer(0)),
     "inter-participant-shift": _key("method", "inter_participant_shift", _boolean()),
     "window-layout": _key("method", "window_layout", _choice(WINDOW_LAYOUTS)),
+    "block-count": _key("method", "block_count", _integer(0)),
     "fjord-levels": _key("method", "fjord_levels", _integer(1)),
     "distill-steps": _key("distill", "steps", _integer(1)),
     "distill-batch-size": _key("distill", "batch_size", _integer(1)),
@@ -493,6 +496,9 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'overlap' must be 'auto' with window-layout 'blocks' (blocks are disjoint; participants "
             f"holding the same block overlap fully), got {config['overlap']!r}"
         )
+    if config["block-count"] and config["window-layout"] != "blocks":
+        raise ConfigError(f"config key 'block-count' needs window-layout 'blocks', got window-layout {config['window-layout']!r}")
+    _check_block_count(config)
     if config["window-layout"] == "blocks" and config["method"] != "msfusion":
         raise ConfigError(f"config key 'window-layout' 'blocks' is an msfusion option, got method {config['method']!r}")
     if config["screen-updates"] and config["clip-updates"] == 0:
@@ -534,6 +540,21 @@ def _check_privacy(config: Mapping[str, Any]) -> None:
                 f"config key {key!r} must be {needed!r} with dp-noise-multiplier > 0 "
                 f"(server/privacy.py says why), got {config[key]!r}"
             )
+
+
+def _check_block_count(config: Mapping[str, Any]) -> None:
+    """A block count fits the model: at most floor(K / w) blocks of w = round(r K) units in every width group."""
+    if not config["block-count"]:
+        return
+    widths = getattr(MODELS[config["model"]], "FULL_WIDTHS", {})
+    budgets = parse_budgets(config["budgets"])
+    ratio = min(budgets) if budgets else config["split-ratio"]
+    fits = min((k // max(1, round(ratio * k)) for k in widths.values()), default=0)
+    if config["block-count"] > fits:
+        raise ConfigError(
+            f"config key 'block-count' must be at most {fits} (the blocks of split ratio {ratio:g} that fit model "
+            f"{config['model']!r}), got {config['block-count']}"
+        )
 
 
 def _check_model_and_data(config: Mapping[str, Any]) -> None:

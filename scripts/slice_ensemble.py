@@ -22,7 +22,7 @@ from msfusion_flwr.config import DEFAULTS, RunConfig
 from msfusion_flwr.data import load_test_set, model_kwargs
 from msfusion_flwr.engine import PlanRequest, SplitSpec, plan_widths, slice_state
 from msfusion_flwr.models import build_model
-from msfusion_flwr.server.methods import POLICIES
+from msfusion_flwr.server.methods import POLICIES, global_widths
 
 BATCH = 1000
 
@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path) -> dict[str, float]:
         raise SystemExit(f"{run_dir}: method {run.method.name!r} trains no slices of a wider model")
     state = torch.load(run_dir / "global_model.pt", weights_only=True)
     kwargs = model_kwargs(run.data)
-    full = build_model(run.model.name, **kwargs)
+    full = build_model(run.model.name, global_widths(run), **kwargs)
     full.load_state_dict(state)
     spec = SplitSpec.from_model(full)
     x, y = load_test_set(run.data).tensors

@@ -27,7 +27,7 @@ from msfusion_flwr.engine import (
 )
 from msfusion_flwr.engine.coverage import zero_outside
 from msfusion_flwr.models import build_model
-from msfusion_flwr.server.methods import make_strategy
+from msfusion_flwr.server.methods import global_widths, make_strategy
 
 SMALL = {"conv1": 8, "conv2": 16, "conv3": 16, "fc": 32}
 
@@ -94,25 +94,26 @@ def test_zero_outside_keeps_exactly_the_block_diagonal():
     torch.testing.assert_close(kept["conv1.0.weight"], state["conv1.0.weight"])  # its input channel is never split
 
 
-def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round():
-    """From the strategy's initial state, and after fusing trained slices (two participants per block), the full
-    model's logits equal the mean of the B narrow block models' logits (each sliced from it as a participant
-    receives it), and the weights between blocks stay zero."""
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(blocks):
+    """From the strategy's initial state, and after fusing trained slices, the global model's logits equal the
+    mean of its block models' logits (each sliced from it as a participant receives it), and the weights between
+    blocks stay zero: for the full model (4 blocks at r = 1/4) and for a global model 2 blocks wide."""
     torch.manual_seed(0)
-    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25})
-    model = build_model("cnn", SMALL)
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "block-count": blocks})
+    model = build_model("cnn", {g: (blocks or 4) * (k // 4) for g, k in SMALL.items()})
     spec = SplitSpec.from_model(model)
     strategy = make_strategy(run, spec)
     state = strategy.initial_state(model.state_dict())
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
 
     def check(global_state: dict[str, torch.Tensor]) -> None:
-        fused = build_model("cnn", SMALL)
+        fused = build_model("cnn", spec.widths)
         fused.load_state_dict(global_state)
         fused.eval()
         members = []
         for plan in strategy.policy.support(spec.widths):
-            narrow = build_model("cnn", plan_widths(plan), 0.25)
+            narrow = build_model("cnn", plan_widths(plan), 1 / len(strategy.policy.support(spec.widths)))
             narrow.load_state_dict(slice_state(global_state, spec, plan, calibrate=True))
             narrow.eval()
             members.append(narrow(x))
@@ -126,6 +127,7 @@ def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(
     updates = []
     for rank in range(8):
         assignment = strategy.policy.assign(request(spec.widths, 0.25, rank, 8, 3))
+        assert all(len(units) == SMALL[g] // 4 for g, units in assignment.plan.items())
         narrow = build_model("cnn", plan_widths(assignment.plan), assignment.rate)
         narrow.load_state_dict(slice_state(state, spec, assignment.plan, calibrate=True))
         optimizer = torch.optim.SGD(narrow.parameters(), lr=0.1)
@@ -139,3 +141,33 @@ def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(
     fused_state = aggregate(state, spec, updates, calibrate=True)
     assert any(not torch.equal(fused_state[k], state[k]) for k in state)
     check(fused_state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 40), t=st.integers(1, 30), d=st.integers(0, 3), blocks=st.integers(1, 16), data=st.data())
+def test_a_block_count_narrows_the_global_model_to_that_many_blocks(m, t, d, blocks, data):
+    """block-count n: the global model is n blocks of w = round(r K) units per group, block (j + (t-1) d) mod n."""
+    rank = data.draw(st.integers(0, m - 1))
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.0625, "block-count": blocks, "shift-step": d})
+    widths = global_widths(run)
+    assert widths == {g: blocks * round(k / 16) for g, k in {"conv1": 64, "conv2": 128, "conv3": 256, "fc": 512}.items()}
+    policy = make_strategy(run, SplitSpec.from_model(build_model("cnn", widths))).policy
+    assignment = policy.assign(request(widths, 0.0625, rank, m, t))
+    block = (rank + (t - 1) * d) % blocks
+    for g, k in widths.items():
+        w = k // blocks
+        assert assignment.plan[g].tolist() == list(range(block * w, (block + 1) * w))
+    assert assignment.rate == 1 / blocks
+
+
+def test_one_block_is_fedavg_small():
+    """block-count 1: the global model is fedavg-small's and every participant holds all of it, at rate 1."""
+    run = RunConfig.from_mapping({"window-layout": "blocks", "block-count": 1})
+    small = RunConfig.from_mapping({"method": "fedavg-small"})
+    assert global_widths(run) == global_widths(small)
+    spec = SplitSpec.from_model(build_model("cnn", global_widths(run)))
+    for rank in range(5):
+        blocks = make_strategy(run, spec).policy.assign(request(spec.widths, 0.25, rank, 5, rank + 1))
+        full = make_strategy(small, spec).policy.assign(request(spec.widths, 0.25, rank, 5, rank + 1))
+        assert blocks.rate == full.rate == 1.0
+        assert {g: u.tolist() for g, u in blocks.plan.items()} == {g: u.tolist() for g, u in full.plan.items()}

@@ -26,6 +26,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "budgets": ["0.25;0.5", "0,0.5", "0.5,1.5", "a", "0.25,", ",", 0.25, None, True],
     "inter-participant-shift": [1, 0, "true", "yes", None],
     "window-layout": ["block", "Blocks", "", 0, None, True],
+    "block-count": [-1, 1.5, 2.0, True, "2", None],
     "output-scaling": ["Calibrated", "", "true", True, 1, None],
     "fjord-levels": [0, -1, 8.0, True, "8"],
     "distill-steps": [0, -1, 50.0, 1.5, True, "50", None],
@@ -205,6 +206,7 @@ RANGES = {
     "fjord-levels": ("int", 1, True, None, False),
     "min-available-nodes": ("int", 1, True, None, False),
     "shift-step": ("int", 0, True, None, False),
+    "block-count": ("int", 0, True, None, False),
     "local-epochs": ("int", 1, True, None, False),
     "batch-size": ("int", 1, True, None, False),
     "classes-per-partition": ("int", 1, True, 10, True),
@@ -295,6 +297,12 @@ def test_block_windows_refuse_a_fixed_overlap_and_other_methods():
             resolve_config({"window-layout": "blocks", **bad})
         assert "\n" not in str(info.value)
     assert resolve_config({"window-layout": "blocks", "shift-step": 0})["window-layout"] == "blocks"
+    with pytest.raises(ConfigError, match="'block-count' needs window-layout 'blocks'"):
+        resolve_config({"block-count": 2})
+    with pytest.raises(ConfigError, match="'block-count' must be at most 4 .*got 5") as info:
+        resolve_config({"window-layout": "blocks", "block-count": 5})
+    assert "\n" not in str(info.value)
+    assert resolve_config({"window-layout": "blocks", "block-count": 16, "split-ratio": 0.0625})["block-count"] == 16
 
 
 def test_attackers_need_an_attack():

@@ -157,25 +157,40 @@ class BlockShift:
     fused model is exactly the ensemble of the B narrow models (their logits
     averaged under calibrated output scaling), each trained by the
     participants that held its block, and no unit ever sums windows trained
-    apart. A participant trains at ``ratio`` whatever its own budget, which
-    must not be smaller.
+    apart. A participant holds ``ratio`` of the full model's width whatever
+    its own budget, which must not be smaller.
+
+    ``blocks`` > 0 is the number of blocks of a global model that is itself
+    ``blocks`` blocks wide (``server.methods.global_widths``: ``blocks`` x the
+    block length per group): fewer block models, each trained by more
+    participants; every group of width K then holds blocks of K / ``blocks``
+    units, and ``blocks = 1`` is ``fedavg-small``'s narrow model.
     """
 
     ratio: float
     shift_step: int = 1
     inter_participant: bool = True
+    blocks: int = 0
+
+    def count(self, widths: Mapping[str, int]) -> int:
+        """How many blocks the global model of group widths ``widths`` holds."""
+        return self.blocks or block_count(self.ratio, widths)
+
+    def block_length(self, width: int) -> int:
+        """Units per block in a group of global width ``width``."""
+        return width // self.blocks if self.blocks else window_length(self.ratio, width)
 
     def block_plan(self, widths: Mapping[str, int], block: int) -> IndexPlan:
         """The units of block ``block`` in every group."""
         plan = {}
         for name, k in widths.items():
-            length = window_length(self.ratio, k)
+            length = self.block_length(k)
             plan[name] = torch.arange(block * length, (block + 1) * length)
         return plan
 
     def support(self, widths: Mapping[str, int]) -> list[IndexPlan]:
         """Every plan this policy can assign: one per block."""
-        return [self.block_plan(widths, b) for b in range(block_count(self.ratio, widths))]
+        return [self.block_plan(widths, b) for b in range(self.count(widths))]
 
     def assign(self, request: PlanRequest) -> Assignment:
         if request.ratio < self.ratio - 1e-12:
@@ -183,10 +198,10 @@ class BlockShift:
                 f"window-layout 'blocks' cuts blocks at split ratio {self.ratio}, but partition "
                 f"{request.partition_id} has a budget of {request.ratio}: list it in 'budgets' so blocks are cut at it"
             )
-        count = block_count(self.ratio, request.widths)
+        count = self.count(request.widths)
         offset = request.rank if self.inter_participant else 0
         block = (offset + (request.server_round - 1) * self.shift_step) % count
-        return Assignment(self.block_plan(request.widths, block), self.ratio)
+        return Assignment(self.block_plan(request.widths, block), 1.0 / self.blocks if self.blocks else self.ratio)
 
 
 @dataclass(frozen=True)

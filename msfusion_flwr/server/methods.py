@@ -26,10 +26,15 @@ from .nodes import Budgets
 from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
 
+def block_ratio(m: MethodSettings) -> float:
+    """The split ratio blocks are cut at: the smallest budget of the run."""
+    return min(m.budgets) if m.budgets else m.split_ratio
+
+
 def double_shift(m: MethodSettings) -> IndexPolicy:
     """MSfusion's policy: rolling windows (:class:`DoubleShift`), or disjoint blocks cut at the smallest budget."""
     if m.window_layout == "blocks":
-        return BlockShift(min(m.budgets) if m.budgets else m.split_ratio, m.shift_step, m.inter_participant_shift)
+        return BlockShift(block_ratio(m), m.shift_step, m.inter_participant_shift, m.block_count)
     return DoubleShift(shift_step=m.shift_step, overlap=m.overlap, inter_participant=m.inter_participant_shift)
 
 
@@ -54,11 +59,15 @@ assert set(METHODS) == set(POLICIES) | set(DISTILLATION_METHODS) | set(FULL_MODE
 
 
 def global_widths(run: RunConfig) -> dict[str, int] | None:
-    """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one."""
-    if run.method.name != "fedavg-small":
-        return None
+    """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one,
+    and for block windows with a ``block-count`` n, whose global model is n blocks wide."""
     full = model_class(run.model.name).FULL_WIDTHS  # type: ignore[attr-defined]
-    return {name: window_length(run.method.split_ratio, k) for name, k in full.items()}
+    if run.method.name == "fedavg-small":
+        return {name: window_length(run.method.split_ratio, k) for name, k in full.items()}
+    if run.method.window_layout == "blocks" and run.method.block_count:
+        ratio = block_ratio(run.method)
+        return {name: run.method.block_count * window_length(ratio, k) for name, k in full.items()}
+    return None
 
 
 def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = None) -> SubmodelStrategy | MeteredFedAvg:
