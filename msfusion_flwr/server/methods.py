@@ -26,6 +26,7 @@ from .nodes import Budgets
 from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
 
+
 def block_ratio(m: MethodSettings) -> float:
     """The split ratio blocks are cut at: the smallest budget of the run."""
     return min(m.budgets) if m.budgets else m.split_ratio
