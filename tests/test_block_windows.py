@@ -171,3 +171,22 @@ def test_one_block_is_fedavg_small():
         full = make_strategy(small, spec).policy.assign(request(spec.widths, 0.25, rank, 5, rank + 1))
         assert blocks.rate == full.rate == 1.0
         assert {g: u.tolist() for g, u in blocks.plan.items()} == {g: u.tolist() for g, u in full.plan.items()}
+
+
+def test_a_node_budget_below_the_blocks_stops_the_round_with_a_one_line_config_error():
+    """A node whose own split-ratio (node config) is below the block ratio: configure_train raises ConfigError,
+    which the ServerApp logs as one line (apps.py)."""
+    from flwr.app import ArrayRecord
+
+    from msfusion_flwr.config import ConfigError
+    from msfusion_flwr.experiments.loopback import LoopbackGrid
+    from msfusion_flwr.protocol import client_config
+
+    run = RunConfig.from_mapping({"window-layout": "blocks", "min-available-nodes": 2})
+    model = build_model("cnn", SMALL)
+    strategy = make_strategy(run, SplitSpec.from_model(model))
+    grid = LoopbackGrid(2)
+    grid.contexts[1].node_config["split-ratio"] = 0.125
+    with pytest.raises(ConfigError, match="partition 1 has a budget of 0.125") as info:
+        list(strategy.configure_train(1, ArrayRecord(model.state_dict()), client_config(run), grid))
+    assert "\n" not in str(info.value)

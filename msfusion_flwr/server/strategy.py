@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
+from ..config import ConfigError
 from ..engine.coverage import zero_outside
 from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate, aggregate_screened
 from ..engine.groups import IndexPlan, SplitSpec
@@ -146,7 +147,10 @@ class SubmodelStrategy(Strategy):
                 partition_id=profile.partition_id,
                 seed=self.seed,
             )
-            assignment = self.policy.assign(request)
+            try:
+                assignment = self.policy.assign(request)
+            except ValueError as error:  # a budget the policy cannot serve (block windows): a config mistake
+                raise ConfigError(str(error)) from None
             sub_state = slice_state(self._global, self.spec, assignment.plan, self.calibrate)
             self._plans[node] = assignment.plan
             self._rates[node] = assignment.rate
