@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTITIONERS, DataSettings
+from .engine.policies import block_count
 from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
 from .models import MODELS, OUTPUT_SCALINGS, ModelSettings
 
@@ -73,10 +74,15 @@ class MethodSettings:
     shift_step: int = 1
     inter_participant_shift: bool = True
     window_layout: str = "rolling"
+    """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
     block_count: int = 0
     """``blocks`` layout: how many blocks wide the global model is (0: the full model, every block that fits)."""
-    """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
     fjord_levels: int = 8
+
+    @property
+    def block_ratio(self) -> float:
+        """The split ratio blocks are cut at: the run's smallest budget."""
+        return min(self.budgets) if self.budgets else self.split_ratio
 
 
 @dataclass(frozen=True)
@@ -547,9 +553,8 @@ def _check_block_count(config: Mapping[str, Any]) -> None:
     if not config["block-count"]:
         return
     widths = getattr(MODELS[config["model"]], "FULL_WIDTHS", {})
-    budgets = parse_budgets(config["budgets"])
-    ratio = min(budgets) if budgets else config["split-ratio"]
-    fits = min((k // max(1, round(ratio * k)) for k in widths.values()), default=0)
+    ratio = MethodSettings(split_ratio=config["split-ratio"], budgets=parse_budgets(config["budgets"])).block_ratio
+    fits = block_count(ratio, widths) if widths else 0
     if config["block-count"] > fits:
         raise ConfigError(
             f"config key 'block-count' must be at most {fits} (the blocks of split ratio {ratio:g} that fit model "

@@ -133,6 +133,10 @@ class DoubleShift:
         return Assignment(plan, request.ratio)
 
 
+class BudgetError(ValueError):
+    """A participant's budget is below what the policy must give it (a run-config mistake, not a bug)."""
+
+
 def block_count(ratio: float, widths: Mapping[str, int]) -> int:
     """How many disjoint blocks of ``window_length(ratio, K)`` units every group holds: ``min_g floor(K_g / w_g)``.
 
@@ -194,7 +198,7 @@ class BlockShift:
 
     def assign(self, request: PlanRequest) -> Assignment:
         if request.ratio < self.ratio - 1e-12:
-            raise ValueError(
+            raise BudgetError(
                 f"window-layout 'blocks' cuts blocks at split ratio {self.ratio}, but partition "
                 f"{request.partition_id} has a budget of {request.ratio}: list it in 'budgets' so blocks are cut at it"
             )

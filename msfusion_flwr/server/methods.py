@@ -27,15 +27,10 @@ from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
 
 
-def block_ratio(m: MethodSettings) -> float:
-    """The split ratio blocks are cut at: the smallest budget of the run."""
-    return min(m.budgets) if m.budgets else m.split_ratio
-
-
 def double_shift(m: MethodSettings) -> IndexPolicy:
     """MSfusion's policy: rolling windows (:class:`DoubleShift`), or disjoint blocks cut at the smallest budget."""
     if m.window_layout == "blocks":
-        return BlockShift(block_ratio(m), m.shift_step, m.inter_participant_shift, m.block_count)
+        return BlockShift(m.block_ratio, m.shift_step, m.inter_participant_shift, m.block_count)
     return DoubleShift(shift_step=m.shift_step, overlap=m.overlap, inter_participant=m.inter_participant_shift)
 
 
@@ -66,7 +61,7 @@ def global_widths(run: RunConfig) -> dict[str, int] | None:
     if run.method.name == "fedavg-small":
         return {name: window_length(run.method.split_ratio, k) for name, k in full.items()}
     if run.method.window_layout == "blocks" and run.method.block_count:
-        ratio = block_ratio(run.method)
+        ratio = run.method.block_ratio
         return {name: run.method.block_count * window_length(ratio, k) for name, k in full.items()}
     return None
 

@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..engine.coverage import zero_outside
 from ..engine.fusion import PLAIN, SubmodelUpdate, aggregate, aggregate_screened
 from ..engine.groups import IndexPlan, SplitSpec
-from ..engine.policies import IndexPolicy, PlanRequest
+from ..engine.policies import BudgetError, IndexPolicy, PlanRequest
 from ..engine.robust import AggregationRule
 from ..engine.slicing import slice_state
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
@@ -149,7 +149,7 @@ class SubmodelStrategy(Strategy):
             )
             try:
                 assignment = self.policy.assign(request)
-            except ValueError as error:  # a budget the policy cannot serve (block windows): a config mistake
+            except BudgetError as error:
                 raise ConfigError(str(error)) from None
             sub_state = slice_state(self._global, self.spec, assignment.plan, self.calibrate)
             self._plans[node] = assignment.plan
