@@ -40,7 +40,8 @@ from typing import Any
 from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTITIONERS, DataSettings
 from .engine.policies import block_count
 from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
-from .models import MODELS, OUTPUT_SCALINGS, ModelSettings
+from .models import MODELS, OUTPUT_SCALINGS, ModelSettings, model_class
+from .models.derived import TORCHVISION_PREFIX, is_derived_name
 
 WINDOW_LAYOUTS = ("rolling", "blocks")
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
@@ -289,7 +290,11 @@ def _key(section: str, name: str, rule: Rule, **kwargs: Callable[[Any], Any]) ->
 KEYS: dict[str, Key] = {
     "method": _key("method", "name", _choice(METHODS)),
     "dataset": _key("data", "dataset", _choice(DATASETS)),
-    "model": _key("model", "name", _choice(MODELS)),
+    "model": _key(
+        "model", "name",
+        ((lambda v: v in MODELS or (isinstance(v, str) and is_derived_name(v))),
+         "one of " + ", ".join(repr(m) for m in MODELS) + f" or {TORCHVISION_PREFIX + '<name>'!r} (any torchvision classifier)"),
+    ),
     "num-server-rounds": _key("federation", "num_server_rounds", _integer(1)),
     "fraction-train": _key("federation", "fraction_train", _number(0.0, 1.0, True, False)),
     "min-available-nodes": _key("federation", "min_available_nodes", _integer(1)),
@@ -552,7 +557,7 @@ def _check_block_count(config: Mapping[str, Any]) -> None:
     """A block count fits the model: at most floor(K / w) blocks of w = round(r K) units in every width group."""
     if not config["block-count"]:
         return
-    widths = getattr(MODELS[config["model"]], "FULL_WIDTHS", {})
+    widths = getattr(_model_class(config), "FULL_WIDTHS", {})
     ratio = MethodSettings(split_ratio=config["split-ratio"], budgets=parse_budgets(config["budgets"])).block_ratio
     fits = block_count(ratio, widths) if widths else 0
     if config["block-count"] > fits:
@@ -562,10 +567,24 @@ def _check_block_count(config: Mapping[str, Any]) -> None:
         )
 
 
+def _model_class(config: Mapping[str, Any]) -> type:
+    """The run's model class; a model whose groups cannot be derived is a config error."""
+    try:
+        return model_class(config["model"])
+    except ValueError as error:  # an unknown torchvision name, or a DerivationError
+        raise ConfigError(f"config key 'model': {' '.join(str(error).split())}") from None
+
+
 def _check_model_and_data(config: Mapping[str, Any]) -> None:
-    """The model must read the dataset's kind of input; text takes text partitioners."""
+    """The model must read the dataset's kind of input; text takes text partitioners; a derived
+    model has no Scaler to scale its outputs with."""
     dataset, text = config["dataset"], config["dataset"] in TEXT_DATASETS
-    kind = MODELS[config["model"]].input_kind  # type: ignore[attr-defined]
+    if is_derived_name(config["model"]) and config["output-scaling"] == "scaler":
+        raise ConfigError(
+            f"config key 'output-scaling' must be 'calibrated' or 'none' for model {config['model']!r} "
+            "(derived models have no HeteroFL Scaler), got 'scaler'"
+        )
+    kind = _model_class(config).input_kind  # type: ignore[attr-defined]
     if kind != ("text" if text else "image"):
         fitting = [name for name, cls in MODELS.items() if cls.input_kind == ("text" if text else "image")]  # type: ignore[attr-defined]
         raise ConfigError(f"config key 'model' must be one of {fitting} for dataset {dataset!r}, got {config['model']!r}")

@@ -7,8 +7,9 @@ module level as :class:`GroupDecl` (which modules produce and which consume the
 group's units), resolved through per-module-type axis rules into
 :class:`Axis` lists; :class:`SplitSpec` checks them against the model's state
 dict and maps an index plan (the units a participant holds) to positions along
-every split tensor axis. Nothing here knows about a particular model; a graph
-tracer could emit the same ``GroupDecl`` lists automatically.
+every split tensor axis. Nothing here knows about a particular model; models
+without declarations get the same groups traced from their graph
+(:mod:`.derivation`).
 
 The rest of the engine: :mod:`.policies` plans which units each participant
 holds, :mod:`.slicing` cuts sub-models, :mod:`.fusion` fuses them back.
@@ -175,8 +176,11 @@ class SplitSpec:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> SplitSpec:
-        """Build the spec of a model that implements ``width_group_decls()``."""
-        groups = resolve_groups(model, model.width_group_decls())  # type: ignore[operator]
+        """Build the spec of a model that declares ``width_group_decls()`` or derived ``width_groups()``."""
+        if hasattr(model, "width_groups"):
+            groups = model.width_groups()  # type: ignore[operator]
+        else:
+            groups = resolve_groups(model, model.width_group_decls())  # type: ignore[operator]
         return cls(groups, {k: v.shape for k, v in model.state_dict().items()})
 
     @property

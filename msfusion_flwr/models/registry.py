@@ -1,5 +1,8 @@
 """The models a run config names (``model``), and how a model is built from its settings.
 
+``MODELS`` are the models with hand-written width groups; ``torchvision:<name>``
+names any torchvision classifier, its groups derived from its graph (:mod:`.derived`).
+
 Every registered class takes ``widths`` (group name -> units; full width when
 None), ``rate`` (the participant's width ratio, for its Scalers),
 ``classifier_scaling`` (HeteroFL's Scaler also on the classifier's input) and
@@ -15,6 +18,7 @@ from functools import partial
 
 from torch import nn
 
+from .derived import is_derived_name, named_derived_class
 from .language import GPT2LM, TransformerLM
 from .vision import FashionCNN, PreResNet18
 
@@ -59,10 +63,12 @@ class ModelSettings:
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The model class registered as ``name``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name]
+    """The model class registered as ``name``, or derived for ``torchvision:<name>`` (:mod:`.derived`)."""
+    if name in MODELS:
+        return MODELS[name]
+    if is_derived_name(name):
+        return named_derived_class(name)
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or 'torchvision:<name>'")
 
 
 def build_model(

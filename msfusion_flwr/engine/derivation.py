@@ -1,0 +1,204 @@
+"""Width groups derived from a model's own graph, and narrow instances cut by them.
+
+A model without hand-written :class:`~.groups.GroupDecl` lists gets its width
+groups from Torch-Pruning's ``DependencyGraph`` (DepGraph, Fang et al., CVPR
+2023): one forward pass of an example input records which channels are coupled
+(a conv's outputs, the norms and activations that follow, the next layers'
+inputs, everything added to the same residual stream, a depthwise conv's ins
+and outs). Every coupled set becomes one :class:`~.groups.WidthGroup` through
+the same per-module-type axis rules hand-written declarations use
+(:data:`~.groups.OUTPUT_RULES`, :data:`~.groups.INPUT_RULES`); how many
+positions one unit covers along each axis (a flatten of a 2x2 map: 4) is read
+off Torch-Pruning's index mapping. The channels that reach the model's output
+(the classes) and the model's input channels are never split.
+
+:func:`narrow_to` cuts a model, in place, to given group widths with
+Torch-Pruning's per-layer pruning functions (which also fix ``in_channels``,
+``groups``, ``num_features``, ...); on a model whose parameters live on the
+meta device it allocates nothing but the narrow model's buffers.
+
+What tracing cannot see, it cannot split correctly: data-dependent control flow
+(only the traced path is recorded) and operations Torch-Pruning treats as
+element-wise although they mix channels. Such models declare their groups by
+hand (``width_group_decls()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch_pruning import ops
+from torch_pruning.pruner import function as tp_function
+
+from .groups import (
+    INPUT_RULES,
+    OUTPUT_RULES,
+    Axis,
+    WidthGroup,
+    _rule_for,
+    axis_positions,
+)
+
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+"""Layers whose output channels start a group (Torch-Pruning's roots)."""
+
+
+class DerivationError(ValueError):
+    """Width groups cannot be derived; the message names the module and what to declare by hand."""
+
+
+def _layout(name: str, positions: Tensor, roots: Tensor, width: int) -> tuple[int, int]:
+    """``(unit, blocks)`` of an :class:`Axis` whose unit ``r`` covers ``positions[roots == r]``."""
+    if len(positions) % width or torch.bincount(roots, minlength=width).unique().numel() != 1:
+        raise DerivationError(f"{name}: its channels are not an equal number per unit of the group it is coupled to")
+    per_unit = len(positions) // width
+    order = torch.argsort(roots * (int(positions.max()) + 1) + positions)
+    grid = positions[order].view(width, per_unit)
+    first = grid[0]
+    unit = int((first - first[0] == torch.arange(per_unit)).cumprod(0).sum())
+    if per_unit % unit == 0:
+        blocks = per_unit // unit
+        expected = axis_positions(Axis(name, 0, unit, blocks), width, torch.arange(width))
+        if torch.equal(grid, expected.view(blocks, width, unit).transpose(0, 1).reshape(width, per_unit)):
+            return unit, blocks
+    raise DerivationError(
+        f"{name}: the units of its group sit at positions no (unit, blocks) layout describes "
+        "(a concatenation or split?); declare this model's width groups by hand (width_group_decls)"
+    )
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
+
+
+def _module_axes(module: nn.Module, name: str, consumes: bool) -> list[tuple[str, int]]:
+    """``(local tensor, dim)`` of ``module`` along which a group's units run, on its output or input side."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        if not _is_depthwise(module):
+            raise DerivationError(f"{name}: a grouped convolution ({module.groups} groups) cannot be split by derivation; declare its groups by hand")
+        consumes = False  # a depthwise conv's inputs are its outputs: one group, along weight dim 0
+    rules = INPUT_RULES if consumes else OUTPUT_RULES
+    try:
+        return _rule_for(rules, module)(module)
+    except TypeError:
+        side = "input" if consumes else "output"
+        raise DerivationError(
+            f"{name}: no {side} axis rule for {type(module).__name__}; register one in "
+            f"msfusion_flwr.engine.groups.{side.upper()}_RULES or declare the model's width groups by hand"
+        ) from None
+
+
+def _output_node(graph: tp.DependencyGraph, output: Tensor) -> Any:
+    for node in graph.module2node.values():
+        if node.grad_fn is output.grad_fn:
+            return node
+    return None
+
+
+def derive_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    units: Mapping[str, int] | None = None,
+) -> list[WidthGroup]:
+    """The width groups of ``model``, traced on ``example_inputs`` (the meta device is enough).
+
+    ``output_transform`` picks the output tensor from what ``model`` returns
+    (e.g. ``lambda out: out.logits``); its channels are never split.
+    ``units`` is the one hint tracing cannot give: layer name -> channels per
+    unit of the group that layer produces (an attention projection's head
+    dimension, so that heads, not channels, are the units). Groups are named
+    after their first-registered producing layer and ordered as the model
+    registers it.
+    """
+    traced: list[Tensor] = []
+
+    def keep_output(out: Any) -> Tensor:
+        tensor = output_transform(out) if output_transform else out
+        traced.append(tensor)
+        return tensor
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, output_transform=keep_output)
+    output = _output_node(graph, traced[0])
+    names = {module: name for name, module in model.named_modules()}
+    order = {name: i for i, name in enumerate(names.values())}
+    groups = []
+    for tp_group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+        out_nodes = [item.dep.target for item in tp_group if graph.is_out_channel_pruning_fn(item.dep.handler)]
+        if output is not None and any(node is output for node in out_nodes):
+            continue  # the model's outputs (classes, vocabulary): never split
+        groups.append(_width_group(graph, tp_group, names, order))
+    groups = [_with_hint(group, units or {}) for group in groups]
+    return sorted(groups, key=lambda g: order[g.name])
+
+
+def _with_hint(group: WidthGroup, units: Mapping[str, int]) -> WidthGroup:
+    """``group`` with ``units[layer]`` consecutive channels per unit, when it has a hinted layer."""
+    producers = {a.tensor.rpartition(".")[0] for a in group.axes if not a.consumes}
+    hinted = {units[layer] for layer in producers if layer in units}
+    if not hinted:
+        return group
+    size = min(hinted)
+    if len(hinted) > 1 or group.width % size:
+        raise DerivationError(f"group {group.name!r}: unit hints {sorted(hinted)} do not divide its {group.width} channels into equal units")
+    axes = tuple(Axis(a.tensor, a.dim, a.unit * size, a.blocks, a.consumes) for a in group.axes)
+    return WidthGroup(group.name, group.width // size, axes)
+
+
+def _width_group(
+    graph: tp.DependencyGraph, tp_group: Any, names: Mapping[nn.Module, str], order: Mapping[str, int]
+) -> WidthGroup:
+    """One Torch-Pruning group as a width group, named after its first-registered producing layer."""
+    root = tp_group[0].dep.target.module
+    width = graph.get_pruner_of_module(root).get_out_channels(root)
+    producers = [
+        names[item.dep.target.module] for item in tp_group
+        if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)
+    ]
+    name = min(producers, key=order.__getitem__)
+    axes: dict[tuple[str, int], Axis] = {}
+    for item in tp_group:
+        target = item.dep.target
+        if target.type == ops.OPTYPE.PARAMETER:
+            raise DerivationError(
+                f"{graph._param_to_name.get(target.module, 'a parameter')}: a bare nn.Parameter is coupled to group {name!r}; "
+                "derivation splits only modules' tensors, declare this model's width groups by hand"
+            )
+        module = target.module
+        if module not in names:
+            continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, ...: no tensors
+        module_name = names[module]
+        consumes = not graph.is_out_channel_pruning_fn(item.dep.handler)
+        unit, blocks = _layout(module_name, torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs), width)
+        for local, dim in _module_axes(module, module_name, consumes):
+            key = f"{module_name}.{local}" if module_name else local
+            axes.setdefault((key, dim), Axis(key, dim, unit, blocks, consumes and not _is_depthwise(module)))
+    return WidthGroup(name, width, tuple(axes.values()))
+
+
+def narrow_to(model: nn.Module, groups: Sequence[WidthGroup], widths: Mapping[str, int]) -> nn.Module:
+    """Cut ``model`` in place to ``widths[g]`` units of every group ``g`` (its first units; values are
+    the caller's to load). Layers keep working: Torch-Pruning's pruning functions fix their attributes."""
+    modules = dict(model.named_modules())
+    for group in groups:
+        width = int(widths.get(group.name, group.width))
+        if not 0 < width <= group.width:
+            raise ValueError(f"group {group.name!r}: width {width} outside 1..{group.width}")
+        if width == group.width:
+            continue
+        dropped = torch.arange(width, group.width)
+        done: set[tuple[str, bool]] = set()
+        for axis in group.axes:
+            module_name = axis.tensor.rpartition(".")[0]
+            if (module_name, axis.consumes) in done:
+                continue
+            done.add((module_name, axis.consumes))
+            module = modules[module_name]
+            pruner = tp_function.PrunerBox[ops.module2type(module)]
+            prune = pruner.prune_in_channels if axis.consumes else pruner.prune_out_channels
+            prune(module, axis_positions(axis, group.width, dropped).tolist())
+    return model

@@ -1,0 +1,235 @@
+"""Any PyTorch classifier as a splittable model, its width groups derived from its graph.
+
+A run config names one with ``model = "torchvision:<name>"`` (a torchvision
+classification model, e.g. ``torchvision:resnet18``, built without weights);
+Python code wraps its own ``nn.Module`` with :func:`derived_model_class`. The
+class it returns speaks the protocol every model of the engine speaks
+(``widths``/``rate`` in the constructor, ``FULL_WIDTHS``, ``outputs``,
+``features``, ``feature_group``, the width groups), so every method runs on it:
+
+* width groups come from :func:`~msfusion_flwr.engine.derivation.derive_groups`,
+  traced once per class on the meta device;
+* a narrow instance is built without the full model ever existing: the
+  architecture is constructed with its parameters on the meta device (only its
+  buffers, O(channels), are real), cut to the widths with
+  :func:`~msfusion_flwr.engine.derivation.narrow_to`, then its parameters are
+  allocated at the narrow shapes and initialised by each layer's
+  ``reset_parameters`` (a participant loads the received tensors over them);
+* the full-width instance is the architecture as its constructor builds it;
+* the representation (MSfusion's contrastive term) is the input of the output
+  layer (the layer that reads split features and writes the unsplit outputs);
+* BatchNorm layers use batch statistics (HeteroFL's static BN, as the
+  hand-declared models do), unless the architecture says otherwise.
+
+Such models have no HeteroFL Scaler: ``output-scaling`` is ``calibrated`` or ``none``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.groups import SplitSpec, WidthGroup
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build a user's classifier and trace it.
+
+    ``build(num_classes)`` returns the full-width ``nn.Module``; ``in_channels``
+    and ``example_size`` (height, width) shape the example input tracing uses;
+    ``units`` are :func:`~msfusion_flwr.engine.derivation.derive_groups`'s hints.
+    With ``static_batch_norm`` (the default) every BatchNorm normalises with the
+    batch's statistics, in training and evaluation (HeteroFL's static BN): running
+    statistics gathered by a slice do not fit the full model, whose hidden sums
+    run over 1/r times more channels.
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    in_channels: int = 3
+    example_size: tuple[int, int] = (32, 32)
+    units: Mapping[str, int] = field(default_factory=dict)
+    static_batch_norm: bool = True
+
+    def example_input(self, device: str | torch.device = "meta") -> Tensor:
+        return torch.zeros(2, self.in_channels, *self.example_size, device=device)
+
+    def network(self, num_classes: int) -> nn.Module:
+        """The architecture as the engine splits it (static BN applied)."""
+        net = self.build(num_classes)
+        return static_batch_norm(net) if self.static_batch_norm else net
+
+
+def static_batch_norm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` normalises with batch statistics and keeps none (in place)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    return model
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (buffers stay real).
+
+    Each parameter exists for a moment at its constructed size before it moves,
+    so the peak is one tensor, never the model; initialisers then run on meta, for free.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Allocate ``model``'s meta parameters on the CPU at their shapes and initialise every layer that can."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), param.requires_grad)
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return model
+
+
+class DerivedClassifier(nn.Module):
+    """A classifier whose width groups were derived (subclassed per architecture by :func:`derived_model_class`)."""
+
+    architecture: ClassVar[Architecture]
+    GROUPS: ClassVar[tuple[WidthGroup, ...]]
+    FULL_WIDTHS: ClassVar[dict[str, int]]
+    feature_group: ClassVar[str]
+    feature_unit: ClassVar[int]
+    head_module: ClassVar[str]
+    input_kind = "image"
+    eval_batch_size = 500
+
+    def __init__(
+        self,
+        widths: Mapping[str, int] | None = None,
+        rate: float = 1.0,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        classifier_scaling: bool = False,
+    ) -> None:
+        super().__init__()
+        if classifier_scaling:
+            raise ValueError(f"model {self.architecture.name!r} has no HeteroFL Scaler; use output-scaling 'calibrated' or 'none'")
+        if in_channels not in (1, self.architecture.in_channels):
+            raise ValueError(f"model {self.architecture.name!r} reads {self.architecture.in_channels} input channels, the data has {in_channels}")
+        self.repeat_channels = self.architecture.in_channels if in_channels == 1 else 1
+        widths = {**self.FULL_WIDTHS, **(widths or {})}
+        if widths == self.FULL_WIDTHS:
+            self.net = self.architecture.network(num_classes)
+        else:
+            from ..engine.derivation import narrow_to
+
+            with parameters_on_meta():
+                net = self.architecture.network(num_classes)
+            self.net = materialize(narrow_to(net, self.GROUPS, widths))
+        self._features: list[Tensor] = []
+        self.net.get_submodule(self.head_module).register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._features.append(args[0].flatten(1))
+
+    def width_groups(self) -> list[WidthGroup]:
+        """The derived groups at this instance's tensor names (under ``net.``)."""
+        return [_prefixed(group, "net.") for group in self.GROUPS]
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and the output layer's input (the representation), from one pass."""
+        if self.repeat_channels > 1:  # grayscale images for an RGB architecture
+            x = x.expand(-1, self.repeat_channels, -1, -1)
+        self._features.clear()
+        logits = self.net(x)
+        return logits, self._features.pop()
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.outputs(x)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.outputs(x)[0]
+
+
+def _prefixed(group: WidthGroup, prefix: str) -> WidthGroup:
+    return WidthGroup(group.name, group.width, tuple(replace(a, tensor=prefix + a.tensor) for a in group.axes))
+
+
+def derived_model_class(architecture: Architecture) -> type[DerivedClassifier]:
+    """A model class for ``architecture``: its groups derived on the meta device, its head and
+    representation found from them (the one layer that reads split features and writes unsplit outputs)."""
+    from ..engine.derivation import DerivationError, derive_groups
+
+    with torch.device("meta"):
+        traced = architecture.network(10)
+    groups = derive_groups(traced, architecture.example_input(), units=architecture.units)
+    if not groups:
+        raise DerivationError(f"model {architecture.name!r}: derivation found no width group to split")
+    spec = SplitSpec(groups, {k: v.shape for k, v in traced.state_dict().items()})
+    heads = sorted({tensor.rpartition(".")[0] for tensor in spec.output_layers})
+    if len(heads) != 1:
+        raise DerivationError(f"model {architecture.name!r}: expected one output layer reading split features, found {heads or 'none'}")
+    axis, group = next((a, g) for g in groups for a in g.axes if a.consumes and a.tensor.rpartition(".")[0] == heads[0])
+    if axis.blocks != 1:
+        raise DerivationError(f"model {architecture.name!r}: the output layer {heads[0]!r} reads stacked copies of group {group.name!r}")
+    attributes = {
+        "architecture": architecture,
+        "GROUPS": tuple(groups),
+        "FULL_WIDTHS": {g.name: g.width for g in groups},
+        "feature_group": group.name,
+        "feature_unit": axis.unit,
+        "head_module": heads[0],
+        "__doc__": f"{architecture.name}, its width groups derived from its graph.",
+    }
+    return type(f"Derived[{architecture.name}]", (DerivedClassifier,), attributes)
+
+
+def torchvision_architecture(name: str) -> Architecture:
+    """torchvision's classification model ``name``, built without pretrained weights."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(f"torchvision has no classification model {name!r}; choose one of {', '.join(available)}")
+    build = functools.partial(_build_torchvision, name)
+    return Architecture(f"{TORCHVISION_PREFIX}{name}", build)
+
+
+def _build_torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+@functools.cache
+def named_derived_class(name: str) -> type[DerivedClassifier]:
+    """The model class a run config's ``model = "torchvision:<name>"`` names (derived once per process)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return derived_model_class(torchvision_architecture(name.removeprefix(TORCHVISION_PREFIX)))
+    raise ValueError(f"unknown model {name!r}")
+
+
+def is_derived_name(name: str) -> bool:
+    """Whether ``name`` names a model by a prefix (``torchvision:``) rather than the registry."""
+    return name.startswith(TORCHVISION_PREFIX)
+

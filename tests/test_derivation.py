@@ -1,0 +1,263 @@
+"""Width groups derived from a model's graph (engine/derivation.py) and models split by them (models/derived.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from msfusion_flwr.config import ConfigError, RunConfig
+from msfusion_flwr.engine import (
+    SplitSpec,
+    SubmodelUpdate,
+    aggregate,
+    flat_positions,
+    plan_widths,
+    slice_state,
+)
+from msfusion_flwr.engine.derivation import DerivationError, derive_groups, narrow_to
+from msfusion_flwr.models import build_model, model_class
+from msfusion_flwr.models.derived import (
+    Architecture,
+    derived_model_class,
+    parameters_on_meta,
+)
+from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS
+
+HAND_WRITTEN = {
+    "cnn": ({}, torch.zeros(2, 1, 28, 28)),
+    "preresnet18": ({}, torch.zeros(2, 3, 32, 32)),
+    "transformer": ({"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long)),
+}
+
+
+def _axis_sets(groups) -> dict[frozenset, int]:
+    return {frozenset(group.axes): group.width for group in groups}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_derived_groups_equal_the_hand_written_declarations(name):
+    """Traced on the meta device, every model's groups are its declarations: the same axes, units and widths."""
+    kwargs, example = HAND_WRITTEN[name]
+    with torch.device("meta"):
+        traced = build_model(name, **kwargs)
+    heads = {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)} if name == "transformer" else {}
+    derived = derive_groups(traced, example.to("meta"), units=heads)
+    declared = SplitSpec.from_model(build_model(name, **kwargs)).groups.values()
+    assert _axis_sets(derived) == _axis_sets(declared)
+
+
+def test_a_unit_hint_applies_to_the_group_its_layer_produces_only():
+    """Without the head hint the attention groups count channels; the hint makes them count heads and
+    leaves the residual stream, which the hinted projection reads, in channels."""
+    with torch.device("meta"):
+        traced = build_model("transformer", vocab_size=50, max_len=16)
+    example = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    plain = {g.name: g.width for g in derive_groups(traced, example)}
+    hinted = {g.name: g.width for g in derive_groups(traced, example, units={"layers.0.attn.q": HEAD_DIM})}
+    assert plain["layers.0.attn.q"] == 128 and hinted["layers.0.attn.q"] == 128 // HEAD_DIM
+    assert hinted["tok"] == plain["tok"] == 128 and hinted["layers.1.attn.q"] == 128
+    with pytest.raises(DerivationError, match=r"^group 'layers.0.attn.q': unit hints \[5\] do not divide its 128 channels"):
+        derive_groups(traced, example, units={"layers.0.attn.q": 5})
+
+
+TORCHVISION = ["torchvision:resnet18", "torchvision:mobilenet_v2"]
+
+
+def _random_plan(spec: SplitSpec, ratio: float, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {g: torch.randperm(k, generator=generator)[: max(1, round(ratio * k))].sort().values for g, k in spec.widths.items()}
+
+
+@pytest.fixture(scope="module", params=TORCHVISION)
+def torchvision_model(request):
+    torch.manual_seed(0)
+    full = build_model(request.param, num_classes=10, in_channels=1)
+    return request.param, full, SplitSpec.from_model(full)
+
+
+def test_a_quarter_slice_of_a_torchvision_model_loads_and_runs(torchvision_model):
+    """At r = 1/4 the narrow model built from the widths takes the slice strictly, holds exactly the
+    plan's parameters and classifies grayscale 28x28 images; its representation is its head's input."""
+    name, full, spec = torchvision_model
+    plan = _random_plan(spec, 0.25, seed=1)
+    sub = slice_state(full.state_dict(), spec, plan)
+    narrow = build_model(name, plan_widths(plan), num_classes=10, in_channels=1)
+    narrow.load_state_dict(sub)
+    parameters = dict(narrow.named_parameters())
+    assert sum(p.numel() for p in parameters.values()) == sum(sub[k].numel() for k in parameters)
+    assert sum(p.numel() for p in parameters.values()) < 0.1 * sum(p.numel() for p in full.parameters())
+    logits, features = narrow.outputs(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10)
+    assert features.shape == (3, len(plan[narrow.feature_group]) * narrow.feature_unit)
+
+
+def test_the_full_plan_of_a_torchvision_model_is_the_model_itself(torchvision_model):
+    """r = 1: slicing with the full plan and loading into a model built at full widths gives the same outputs, exactly."""
+    name, full, spec = torchvision_model
+    copy = build_model(name, spec.widths, num_classes=10, in_channels=1)
+    copy.load_state_dict(slice_state(full.state_dict(), spec, spec.full_plan()))
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(full.eval()(x), copy.eval()(x))
+
+
+def test_a_narrow_model_cut_at_full_width_from_meta_equals_the_model(torchvision_model):
+    """The participant's path (parameters on meta, cut, allocated, loaded) at r = 1 reproduces the model exactly."""
+    name, full, _ = torchvision_model
+    cls = model_class(name)
+    with parameters_on_meta():
+        net = cls.architecture.network(10)
+    assert all(p.device.type == "meta" for p in net.parameters())
+    narrow_to(net, cls.GROUPS, cls.FULL_WIDTHS)
+    net.to_empty(device="cpu").load_state_dict(full.net.state_dict())
+    x = torch.randn(4, 3, 28, 28)
+    assert torch.equal(full.net.eval()(x), net.eval()(x))
+
+
+def test_a_participant_never_builds_the_full_model(monkeypatch):
+    """Every parameter of the architecture is on the meta device while a narrow model is built: the only
+    CPU tensors it allocates are its own, at the narrow shapes."""
+    cls = model_class("torchvision:resnet18")
+    seen = []
+    build = cls.architecture.build
+
+    def spying_build(num_classes):
+        net = build(num_classes)
+        seen.append({p.device.type for p in net.parameters()})
+        return net
+
+    monkeypatch.setattr(cls, "architecture", Architecture(cls.architecture.name, spying_build))
+    assert seen == []
+    widths = {g: max(1, k // 4) for g, k in cls.FULL_WIDTHS.items()}
+    narrow = cls(widths, num_classes=10, in_channels=3)
+    assert seen == [{"meta"}]
+    assert {p.device.type for p in narrow.parameters()} == {"cpu"}
+    norms = [m for m in narrow.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)  # initialised by reset_parameters
+    assert all(0 < m.weight.std() < 1 for m in convs)
+
+
+def test_a_partial_update_touches_exactly_its_slice(torchvision_model):
+    """Fusing one participant's changed slice changes the global elements its plan holds and no other."""
+    _, full, spec = torchvision_model
+    state = full.state_dict()
+    plan = _random_plan(spec, 0.25, seed=2)
+    trained = {k: (v + 1 if v.is_floating_point() else v) for k, v in slice_state(state, spec, plan).items()}
+    merged = aggregate(state, spec, [SubmodelUpdate(plan, trained, 1.0)])
+    positions = spec.positions(plan)
+    for key, before in state.items():
+        if not before.is_floating_point():
+            continue
+        held = torch.zeros(before.numel(), dtype=torch.bool)
+        held[flat_positions(before.shape, positions.get(key, ())).reshape(-1)] = True
+        changed = (merged[key] != before).reshape(-1)
+        assert torch.equal(changed, held), key
+
+
+class _Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.c = nn.Conv2d(8, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.c(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3)))
+
+
+class _Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.grouped(self.a(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("model", "names"), [(_Concat, "c"), (_Grouped, "grouped")])
+def test_what_derivation_cannot_split_is_a_one_line_error_naming_the_module(model, names):
+    with pytest.raises(DerivationError, match=rf"^{names}: .*by hand") as error:
+        derive_groups(model(), torch.zeros(2, 3, 8, 8))
+    assert "\n" not in str(error.value)
+
+
+def test_groups_skip_the_models_outputs_and_inputs():
+    """The classes and the input channels are never a group's axis."""
+    groups = derive_groups(build_model("torchvision:resnet18").net, torch.zeros(2, 3, 32, 32))
+    axes = {(a.tensor, a.dim) for g in groups for a in g.axes}
+    assert ("fc.weight", 0) not in axes and ("fc.bias", 0) not in axes and ("conv1.weight", 1) not in axes
+    assert ("fc.weight", 1) in axes and ("conv1.weight", 0) in axes
+
+
+def test_a_users_own_module_becomes_a_model_class(monkeypatch):
+    """derived_model_class: a plain nn.Module, its groups derived, runs at any width through the engine,
+    and a run config names it once it is in MODELS."""
+
+    class Mlp(nn.Module):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.norm = nn.BatchNorm2d(16)
+            self.hidden = nn.Linear(16 * 4 * 4, 32)
+            self.out = nn.Linear(32, num_classes)
+
+        def forward(self, x):
+            x = nn.functional.adaptive_avg_pool2d(torch.relu(self.norm(self.conv(x))), 4).flatten(1)
+            return self.out(torch.relu(self.hidden(x)))
+
+    cls = derived_model_class(Architecture("mlp", Mlp, example_size=(8, 8)))
+    assert cls.FULL_WIDTHS == {"conv": 16, "hidden": 32}
+    assert cls.feature_group == "hidden" and cls.head_module == "out"
+    full = cls(num_classes=3)
+    spec = SplitSpec.from_model(full)
+    assert spec.groups["conv"].axes[-1].unit == 16  # the flatten: 4x4 positions per channel
+    plan = {"conv": torch.tensor([1, 5, 9, 13]), "hidden": torch.arange(0, 32, 4)}
+    narrow = cls(plan_widths(plan), num_classes=3)
+    narrow.load_state_dict(slice_state(full.state_dict(), spec, plan))
+    assert narrow(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    from msfusion_flwr.models import MODELS
+
+    monkeypatch.setitem(MODELS, "mlp", cls)
+    assert RunConfig.from_mapping({"model": "mlp", "block-count": 0}).model.name == "mlp"
+    assert build_model("mlp", {"conv": 4, "hidden": 8}, num_classes=3).state_dict()["net.out.weight"].shape == (3, 8)
+
+
+def test_config_takes_torchvision_names_and_refuses_what_it_cannot_run():
+    assert RunConfig.from_mapping({"model": "torchvision:resnet18", "dataset": "fashion-mnist"}).model.name == "torchvision:resnet18"
+    with pytest.raises(ConfigError, match=r"^config key 'model': torchvision has no classification model 'resnet7'"):
+        RunConfig.from_mapping({"model": "torchvision:resnet7"})
+    with pytest.raises(ConfigError, match=r"^config key 'output-scaling' must be 'calibrated' or 'none'"):
+        RunConfig.from_mapping({"model": "torchvision:resnet18", "output-scaling": "scaler"})
+    with pytest.raises(ConfigError, match=r"^config key 'model' must be one of .*torchvision:<name>"):
+        RunConfig.from_mapping({"model": "resnet18"})
+
+
+def test_msfusion_trains_a_torchvision_model_through_the_simulation_engine(tmp_path, monkeypatch):
+    """One round of MSfusion on torchvision's MobileNetV2 (depthwise convs; grayscale Fashion-MNIST, r = 1/4):
+    both replies are fused into the full-width model and the round's coverage is partial. The server
+    evaluates on 500 test images (the full test set would take most of the test's time)."""
+    from torch.utils.data import TensorDataset
+
+    from msfusion_flwr.apps import run_experiment
+    from msfusion_flwr.server import run as server_run
+    from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
+
+    load_test_set = server_run.load_test_set
+    monkeypatch.setattr(server_run, "load_test_set", lambda data: TensorDataset(*load_test_set(data)[:500]))
+
+    torch.manual_seed(0)
+    out = run_experiment(
+        {
+            "model": "torchvision:mobilenet_v2", "num-server-rounds": 1, "data-fraction": 0.02, "partitioner": "iid",
+            "min-available-nodes": 2, "output-dir": str(tmp_path),
+        },
+        num_supernodes=2,
+    )  # fmt: skip
+    rows = read_metrics(out)
+    assert rows[-1]["participants"] == [0, 1] and rows[-1]["failures"] == []
+    assert 0 < rows[-1]["coverage"] < 1
+    fused = torch.load(out / MODEL_FILE)
+    assert {k: v.shape for k, v in fused.items()} == {k: v.shape for k, v in build_model("torchvision:mobilenet_v2").state_dict().items()}
