@@ -1,12 +1,14 @@
-"""CIFAR-10/100 through flwr-datasets' FederatedDataset, on tiny local copies in the Hub's format.
+"""CIFAR-10/100 and TinyImageNet through flwr-datasets' FederatedDataset, on tiny local copies in the Hub's format.
 
 The Hub repositories ``uoft-cs/cifar10`` and ``uoft-cs/cifar100`` hold parquet
 files under ``plain_text/`` and ``cifar100/``; their columns are ``img``
 (Image) and ``label`` (ClassLabel, 10 names), resp. ``img``, ``fine_label``
-(100 names) and ``coarse_label`` (20 names). The fixtures write the same
-layout and schema with ``datasets`` itself, and ``data-dir`` points at it: the
-code path is the Hub's one (FederatedDataset -> datasets.load_dataset), only
-the source differs.
+(100 names) and ``coarse_label`` (20 names). ``zh-plus/tiny-imagenet`` holds
+``data/train-*.parquet`` and ``data/valid-*.parquet`` (64x64 ``image``,
+``label`` with 200 names), its README's ``configs`` naming the splits
+``train`` and ``valid``. The fixtures write the same layout and schema with
+``datasets`` itself, and ``data-dir`` points at it: the code path is the Hub's
+one (FederatedDataset -> datasets.load_dataset), only the source differs.
 """
 
 from __future__ import annotations
@@ -36,21 +38,41 @@ from msfusion_flwr.data import (
 from msfusion_flwr.data.hub_images import AugmentedImages, load_hub_split, random_crop_flip, standardize
 from msfusion_flwr.data.partitioning import server_split, training_subset
 
-N_TRAIN = {"cifar10": 120, "cifar100": 600}  # CIFAR-100: enough per class for Dirichlet's min size
+N_TRAIN = {"cifar10": 120, "cifar100": 600, "tiny-imagenet": 800}  # enough per class for Dirichlet's min size
 N_TEST = 20
-CONFIG_FOLDER = {"cifar10": "plain_text", "cifar100": "cifar100"}
+CONFIG_FOLDER = {"cifar10": "plain_text", "cifar100": "cifar100", "tiny-imagenet": "data"}
+HELD_OUT_FILE = {"cifar10": "test", "cifar100": "test", "tiny-imagenet": "valid"}
+TINY_IMAGENET_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: valid
+    path: data/valid-*
+---
+"""
 
 
-def write_hub_copy(folder: Path, dataset: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def write_hub_copy(folder: Path, dataset: str, seed: int = 0, readme: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """Write ``<folder>/<config>/{train,test}-00000-of-00001.parquet`` in the Hub's schema.
 
-    Returns the written pixels (N, 32, 32, 3) and label columns per split.
+    Returns the written pixels (N, S, S, 3) and label columns per split ("test": the held-out split).
+    TinyImageNet's held-out file is ``valid-*`` with the Hub's README; without it (``readme`` false) the copy is
+    one exported under ``datasets``' usual split name, ``validation-*``.
     """
     rng = np.random.default_rng(seed)
     if dataset == "cifar10":
         features = datasets.Features(
             {"img": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])}
         )
+    elif dataset == "tiny-imagenet":
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"n{i:08d}" for i in range(200)])}
+        )
+        if readme:
+            (folder / "README.md").parent.mkdir(parents=True, exist_ok=True)
+            (folder / "README.md").write_text(TINY_IMAGENET_README)
     else:
         features = datasets.Features(
             {
@@ -59,20 +81,24 @@ def write_hub_copy(folder: Path, dataset: str, seed: int = 0) -> dict[str, dict[
                 "coarse_label": datasets.ClassLabel(names=[f"c{i}" for i in range(20)]),
             }
         )
-    classes = 10 if dataset == "cifar10" else 100
+    classes = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}[dataset]
+    size = HUB_DATASETS[dataset].image_size
     (folder / CONFIG_FOLDER[dataset]).mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n in (("train", N_TRAIN[dataset]), ("test", N_TEST)):
-        pixels = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
         labels = rng.permutation(np.arange(n) % classes)
-        columns = {"img": [PILImage.fromarray(p) for p in pixels]}
-        if dataset == "cifar10":
+        columns = {HUB_DATASETS[dataset].image_column: [PILImage.fromarray(p) for p in pixels]}
+        if dataset != "cifar100":
             columns["label"] = labels.tolist()
         else:
             columns["fine_label"] = labels.tolist()
             columns["coarse_label"] = ((labels + 7) % 20).tolist()  # differs from fine_label
         table = datasets.Dataset.from_dict(columns, features=features)
-        table.to_parquet(str(folder / CONFIG_FOLDER[dataset] / f"{split}-00000-of-00001.parquet"))
+        file = HELD_OUT_FILE[dataset] if split == "test" else split
+        if file == "valid" and not readme:
+            file = "validation"
+        table.to_parquet(str(folder / CONFIG_FOLDER[dataset] / f"{file}-00000-of-00001.parquet"))
         written[split] = {"pixels": pixels, "labels": labels}
     return written
 
@@ -103,17 +129,18 @@ def as_chw(pixels: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.parametrize("dataset", list(HUB_DATASETS))
 def test_test_set_is_the_written_test_split(hub_copies, dataset):
-    """load_test_set: (3, 32, 32) float32 standardised with the dataset's mean/std and the labels
+    """load_test_set: (3, S, S) float32 standardised with the dataset's mean/std and the labels
     (fine labels for CIFAR-100), in file order; the train split's pixels come back exactly."""
     folder, written = hub_copies[dataset]
     spec = HUB_DATASETS[dataset]
+    size = spec.image_size
     x, y = load_test_set(DataSettings(dataset=dataset, data_dir=folder)).tensors
-    assert x.shape == (N_TEST, 3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (N_TEST, 3, size, size) and x.dtype == torch.float32
     assert y.dtype == torch.int64
     assert y.tolist() == written["test"]["labels"].tolist()
     assert torch.equal(x, standardize(as_chw(written["test"]["pixels"]), spec.mean, spec.std))
     images, labels = load_hub_split(dataset, folder, "train")
-    assert images.dtype == torch.uint8 and images.shape == (N_TRAIN[dataset], 3, 32, 32)
+    assert images.dtype == torch.uint8 and images.shape == (N_TRAIN[dataset], 3, size, size)
     assert torch.equal(images, as_chw(written["train"]["pixels"]))
     assert labels.tolist() == written["train"]["labels"].tolist()
 
@@ -306,10 +333,21 @@ def test_bad_data_dir_is_one_line_error(tmp_path, content):
         assert "fine_label" in str(info.value)
 
 
+def test_tiny_imagenet_copy_without_the_hubs_split_names_is_read_too(tmp_path):
+    """A copy of TinyImageNet whose held-out split is named ``validation`` (not the Hub's ``valid``):
+    it is still the test set; the augmentation pads 64x64 images by 8."""
+    written = write_hub_copy(tmp_path / "copy", "tiny-imagenet", readme=False)
+    settings = DataSettings(dataset="tiny-imagenet", data_dir=str(tmp_path / "copy"), partitioner="iid")
+    _, y = load_test_set(settings).tensors
+    assert y.tolist() == written["test"]["labels"].tolist()
+    assert load_partition(settings, 0, 2).padding == 8 == HUB_DATASETS["tiny-imagenet"].padding
+
+
 def test_model_kwargs():
     assert model_kwargs(DataSettings(dataset="fashion-mnist")) == {"num_classes": 10, "in_channels": 1}
     assert model_kwargs(DataSettings(dataset="cifar10")) == {"num_classes": 10, "in_channels": 3}
     assert model_kwargs(DataSettings(dataset="cifar100")) == {"num_classes": 100, "in_channels": 3}
+    assert model_kwargs(DataSettings(dataset="tiny-imagenet")) == {"num_classes": 200, "in_channels": 3}
     with pytest.raises(ValueError):
         model_kwargs(DataSettings(dataset="mnist"))
 
@@ -340,3 +378,24 @@ def test_cifar100_preresnet18_runs_through_the_simulation_engine(hub_copies, tmp
     assert rows[1]["accuracy"] is not None and rows[1]["flops_max"] > 0
     state = torch.load(out / MODEL_FILE)
     assert state["head.weight"].shape == (100, 512)  # full-width global model, 100 classes
+
+
+def test_tiny_imagenet_torchvision_resnet18_runs_through_the_simulation_engine(hub_copies, tmp_path, monkeypatch):
+    """The paper's third image dataset with the paper's model: torchvision's ResNet-18 (width groups derived)
+    on a local TinyImageNet copy, r = 0.25, 1 round, 2 participants; 200 classes in the fused model."""
+    from msfusion_flwr.apps import run_experiment
+    from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # inherited by the Ray workers
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    out = run_experiment(
+        {
+            "dataset": "tiny-imagenet", "model": "torchvision:resnet18", "data-dir": hub_copies["tiny-imagenet"][0],
+            "partitioner": "iid", "num-server-rounds": 1, "batch-size": 16, "min-available-nodes": 2,
+            "output-dir": str(tmp_path / "run"),
+        },
+        num_supernodes=2,
+    )  # fmt: skip
+    rows = read_metrics(out)
+    assert rows[1]["participants"] == [0, 1] and rows[1]["failures"] == []
+    assert torch.load(out / MODEL_FILE)["net.fc.weight"].shape == (200, 512)

@@ -1,14 +1,18 @@
-"""CIFAR-10 and CIFAR-100 through flwr-datasets' ``FederatedDataset``.
+"""CIFAR-10, CIFAR-100 and TinyImageNet through flwr-datasets' ``FederatedDataset``.
 
-From the Hugging Face Hub (``uoft-cs/cifar10``, ``uoft-cs/cifar100``), or, when
-``data-dir`` is set, from a local folder in the Hub's format (``train`` and
-``test`` parquet files with the Hub's columns: ``img`` and ``label`` for
-CIFAR-10, ``img``, ``fine_label`` and ``coarse_label`` for CIFAR-100; a
-snapshot of the Hub repository works as is). The ``FederatedDataset`` applies
-the partitioner to the training split after a preprocessor keeps the seeded
-``data-fraction`` subset (less the server slice) and shuffles it with the seed.
-Training partitions are augmented (random 32x32 crop of the 4-pixel
-zero-padded image, random horizontal flip) every time an example is drawn.
+From the Hugging Face Hub (``uoft-cs/cifar10``, ``uoft-cs/cifar100``,
+``zh-plus/tiny-imagenet``), or, when ``data-dir`` is set, from a local folder in
+the Hub's format (parquet files with the Hub's columns: ``img`` and ``label``
+for CIFAR-10, ``img``, ``fine_label`` and ``coarse_label`` for CIFAR-100,
+``image`` and ``label`` for TinyImageNet; a snapshot of the Hub repository
+works as is). CIFAR's held-out split is ``test``; TinyImageNet's labelled
+held-out split is ``valid`` (``validation`` in a copy exported under that
+name), its 200 classes' 10,000 images, and serves as its test set. The
+``FederatedDataset`` applies the partitioner to the training split after a
+preprocessor keeps the seeded ``data-fraction`` subset (less the server slice)
+and shuffles it with the seed. Training partitions are augmented (random crop
+of the zero-padded image back to its size, 4 pixels of padding at 32x32, 8 at
+64x64, and a random horizontal flip) every time an example is drawn.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ class HubImageDataset:
     std: tuple[float, float, float]
     image_column: str = "img"
     image_size: int = 32
+    test_splits: tuple[str, ...] = ("test",)
+    """The held-out split the server evaluates on: the first of these names the copy has."""
+
+    @property
+    def padding(self) -> int:
+        """Zero padding of the random-crop augmentation: an eighth of the image side."""
+        return self.image_size // 8
 
 
 HUB_DATASETS = {
@@ -47,10 +58,15 @@ HUB_DATASETS = {
     "cifar100": HubImageDataset(
         "uoft-cs/cifar100", "fine_label", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
-}
+    "tiny-imagenet": HubImageDataset(
+        "zh-plus/tiny-imagenet", "label", (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821),
+        image_column="image", image_size=64, test_splits=("valid", "validation"),
+    ),
+}  # fmt: skip
 """Datasets loaded through ``FederatedDataset``; mean and std are the training split's per channel."""
-SPLITS = ("train", "test")
 AUGMENT_PADDING = 4
+TEST = "test"
+"""The name callers use for a dataset's held-out split, whatever the copy calls it."""
 
 
 def federated_dataset(dataset: str, data_dir: str = "", **kwargs: Any):  # noqa: ANN201 (flwr-datasets type)
@@ -82,8 +98,9 @@ def _load_split(fds: Any, dataset: str, data_dir: str, split: str, columns: Sequ
     """
     spec = HUB_DATASETS[dataset]
     where = f"data-dir {Path(data_dir).expanduser()}" if data_dir else f"the Hugging Face Hub ({spec.hub_id})"
+    names = spec.test_splits if split == TEST else (split,)
     try:
-        table = fds.load_split(split)
+        table = _first_split(fds, names)
     except Exception as exc:  # network, missing files, missing split: all mean "no data here"
         hint = "" if data_dir else "; set data-dir to a local copy in the Hub's parquet format"
         message = f"{dataset} could not be loaded from {where} ({one_line(exc)}){hint}"
@@ -95,6 +112,17 @@ def _load_split(fds: Any, dataset: str, data_dir: str, split: str, columns: Sequ
             f"(has {table.column_names})"
         )
     return table
+
+
+def _first_split(fds: Any, names: Sequence[str]) -> Any:
+    """``fds.load_split`` of the first of ``names`` the source has; the first name's error if none."""
+    errors = []
+    for name in names:
+        try:
+            return fds.load_split(name)
+        except Exception as exc:  # a copy without the Hub's split names: try the next
+            errors.append(exc)
+    raise errors[0]
 
 
 @lru_cache(maxsize=4)
@@ -203,18 +231,19 @@ class AugmentedImages(TorchDataset):
         mean: Sequence[float],
         std: Sequence[float],
         augment: bool = True,
+        padding: int = AUGMENT_PADDING,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError("images and labels differ in length")
         self.images, self.labels = images, labels
-        self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
+        self.mean, self.std, self.augment, self.padding = tuple(mean), tuple(std), augment, padding
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment:
-            images = random_crop_flip(images)
+            images = random_crop_flip(images, self.padding)
         return standardize(images, self.mean, self.std)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,13 +264,13 @@ def training_examples(settings: DataSettings, rows: np.ndarray) -> AugmentedImag
     spec = HUB_DATASETS[settings.dataset]
     images, labels = load_hub_split(settings.dataset, settings.data_dir, "train")
     idx = torch.from_numpy(rows)
-    return AugmentedImages(images[idx], labels[idx], spec.mean, spec.std)
+    return AugmentedImages(images[idx], labels[idx], spec.mean, spec.std, padding=spec.padding)
 
 
 def test_set(settings: DataSettings) -> TensorDataset:
     """The test split, standardised."""
     spec = HUB_DATASETS[settings.dataset]
-    images, labels = load_hub_split(settings.dataset, settings.data_dir, "test")
+    images, labels = load_hub_split(settings.dataset, settings.data_dir, TEST)
     return TensorDataset(standardize(images, spec.mean, spec.std), labels)
 
 

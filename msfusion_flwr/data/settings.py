@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
-IN_CHANNELS = {"fashion-mnist": 1, "cifar10": 3, "cifar100": 3}
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "wikitext-2")
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
+IN_CHANNELS = {"fashion-mnist": 1, "cifar10": 3, "cifar100": 3, "tiny-imagenet": 3}
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "wikitext-2")
 TEXT_DATASETS = ("wikitext-2",)
 """Language-modelling datasets (:mod:`msfusion_flwr.data.wikitext`); the others are image classification."""
 PARTITIONERS = ("iid", "dirichlet", "pathological", "contiguous")
