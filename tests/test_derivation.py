@@ -84,6 +84,7 @@ def test_a_quarter_slice_of_a_torchvision_model_loads_and_runs(torchvision_model
     sub = slice_state(full.state_dict(), spec, plan)
     narrow = build_model(name, plan_widths(plan), num_classes=10, in_channels=1)
     narrow.load_state_dict(sub)
+    assert SplitSpec.from_model(narrow).widths == plan_widths(plan)  # a narrow global model (fedavg-small) splits too
     parameters = dict(narrow.named_parameters())
     assert sum(p.numel() for p in parameters.values()) == sum(sub[k].numel() for k in parameters)
     assert sum(p.numel() for p in parameters.values()) < 0.1 * sum(p.numel() for p in full.parameters())

@@ -138,6 +138,7 @@ class DerivedClassifier(nn.Module):
             raise ValueError(f"model {self.architecture.name!r} reads {self.architecture.in_channels} input channels, the data has {in_channels}")
         self.repeat_channels = self.architecture.in_channels if in_channels == 1 else 1
         widths = {**self.FULL_WIDTHS, **(widths or {})}
+        self.widths = widths
         if widths == self.FULL_WIDTHS:
             self.net = self.architecture.network(num_classes)
         else:
@@ -153,8 +154,8 @@ class DerivedClassifier(nn.Module):
         self._features.append(args[0].flatten(1))
 
     def width_groups(self) -> list[WidthGroup]:
-        """The derived groups at this instance's tensor names (under ``net.``)."""
-        return [_prefixed(group, "net.") for group in self.GROUPS]
+        """The derived groups at this instance's widths and tensor names (under ``net.``)."""
+        return [_prefixed(group, "net.", self.widths[group.name]) for group in self.GROUPS]
 
     def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and the output layer's input (the representation), from one pass."""
@@ -171,8 +172,8 @@ class DerivedClassifier(nn.Module):
         return self.outputs(x)[0]
 
 
-def _prefixed(group: WidthGroup, prefix: str) -> WidthGroup:
-    return WidthGroup(group.name, group.width, tuple(replace(a, tensor=prefix + a.tensor) for a in group.axes))
+def _prefixed(group: WidthGroup, prefix: str, width: int) -> WidthGroup:
+    return WidthGroup(group.name, width, tuple(replace(a, tensor=prefix + a.tensor) for a in group.axes))
 
 
 def derived_model_class(architecture: Architecture) -> type[DerivedClassifier]:
