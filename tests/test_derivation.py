@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +23,9 @@ from msfusion_flwr.models import build_model, model_class
 from msfusion_flwr.models.derived import (
     Architecture,
     derived_model_class,
+    materialize,
     parameters_on_meta,
+    transformers_architecture,
 )
 from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS
 
@@ -62,6 +67,7 @@ def test_a_unit_hint_applies_to_the_group_its_layer_produces_only():
 
 
 TORCHVISION = ["torchvision:resnet18", "torchvision:mobilenet_v2"]
+ENCODER = "transformers:bert"
 
 
 def _random_plan(spec: SplitSpec, ratio: float, seed: int) -> dict[str, torch.Tensor]:
@@ -69,50 +75,89 @@ def _random_plan(spec: SplitSpec, ratio: float, seed: int) -> dict[str, torch.Te
     return {g: torch.randperm(k, generator=generator)[: max(1, round(ratio * k))].sort().values for g, k in spec.widths.items()}
 
 
-@pytest.fixture(scope="module", params=TORCHVISION)
-def torchvision_model(request):
+def _small_bert():
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return derived_model_class(transformers_architecture(config))
+
+
+@dataclass
+class Case:
+    """A model class with derived groups, its constructor's data arguments and an input batch maker."""
+
+    cls: type
+    kwargs: dict
+    batch: Callable[[int], torch.Tensor]
+
+    def build(self, widths=None):
+        return self.cls(widths, **self.kwargs)
+
+
+@pytest.fixture(scope="module", params=[*TORCHVISION, ENCODER])
+def derived(request):
+    """torchvision's ResNet-18 and MobileNetV2 on grayscale 28x28 images; a small BERT sequence classifier
+    built from its config (heads as units, by the hint its config gives)."""
     torch.manual_seed(0)
-    full = build_model(request.param, num_classes=10, in_channels=1)
-    return request.param, full, SplitSpec.from_model(full)
+    if request.param == ENCODER:
+        case = Case(_small_bert(), {"num_classes": 3}, lambda n: torch.randint(0, 100, (n, 8)))
+    else:
+        case = Case(model_class(request.param), {"num_classes": 10, "in_channels": 1}, lambda n: torch.randn(n, 1, 28, 28))
+    full = case.build()
+    return case, full, SplitSpec.from_model(full)
 
 
-def test_a_quarter_slice_of_a_torchvision_model_loads_and_runs(torchvision_model):
+def test_a_quarter_slice_of_a_derived_model_loads_and_runs(derived):
     """At r = 1/4 the narrow model built from the widths takes the slice strictly, holds exactly the
-    plan's parameters and classifies grayscale 28x28 images; its representation is its head's input."""
-    name, full, spec = torchvision_model
+    plan's parameters and runs on the data's input; its representation is its head's input."""
+    case, full, spec = derived
     plan = _random_plan(spec, 0.25, seed=1)
     sub = slice_state(full.state_dict(), spec, plan)
-    narrow = build_model(name, plan_widths(plan), num_classes=10, in_channels=1)
+    narrow = case.build(plan_widths(plan))
     narrow.load_state_dict(sub)
     assert SplitSpec.from_model(narrow).widths == plan_widths(plan)  # a narrow global model (fedavg-small) splits too
     parameters = dict(narrow.named_parameters())
     assert sum(p.numel() for p in parameters.values()) == sum(sub[k].numel() for k in parameters)
-    assert sum(p.numel() for p in parameters.values()) < 0.1 * sum(p.numel() for p in full.parameters())
-    logits, features = narrow.outputs(torch.randn(3, 1, 28, 28))
-    assert logits.shape == (3, 10)
+    logits, features = narrow.outputs(case.batch(3))
+    assert logits.shape == (3, case.kwargs["num_classes"])
     assert features.shape == (3, len(plan[narrow.feature_group]) * narrow.feature_unit)
 
 
-def test_the_full_plan_of_a_torchvision_model_is_the_model_itself(torchvision_model):
+def test_the_encoders_attention_groups_count_heads():
+    """BERT's attention groups are its 4 heads of 16 channels (q, k, v rows; the output projection's columns)."""
+    groups = {g.name: g for g in _small_bert().GROUPS}
+    attention = groups["bert.encoder.layer.0.attention.self.query"]
+    assert attention.width == 4 and {a.unit for a in attention.axes} == {16}
+    assert {a.tensor for a in attention.axes if a.consumes} == {"bert.encoder.layer.0.attention.output.dense.weight"}
+    assert groups["bert.embeddings.word_embeddings"].width == 64
+
+
+def test_the_full_plan_of_a_derived_model_is_the_model_itself(derived):
     """r = 1: slicing with the full plan and loading into a model built at full widths gives the same outputs, exactly."""
-    name, full, spec = torchvision_model
-    copy = build_model(name, spec.widths, num_classes=10, in_channels=1)
+    case, full, spec = derived
+    copy = case.build(spec.widths)
     copy.load_state_dict(slice_state(full.state_dict(), spec, spec.full_plan()))
-    x = torch.randn(4, 1, 28, 28)
+    x = case.batch(4)
     assert torch.equal(full.eval()(x), copy.eval()(x))
 
 
-def test_a_narrow_model_cut_at_full_width_from_meta_equals_the_model(torchvision_model):
+def test_a_narrow_model_cut_at_full_width_from_meta_equals_the_model(derived):
     """The participant's path (parameters on meta, cut, allocated, loaded) at r = 1 reproduces the model exactly."""
-    name, full, _ = torchvision_model
-    cls = model_class(name)
+    case, full, _ = derived
+    cls = case.cls
     with parameters_on_meta():
-        net = cls.architecture.network(10)
+        net = cls.architecture.network(case.kwargs["num_classes"])
     assert all(p.device.type == "meta" for p in net.parameters())
     narrow_to(net, cls.GROUPS, cls.FULL_WIDTHS)
-    net.to_empty(device="cpu").load_state_dict(full.net.state_dict())
-    x = torch.randn(4, 3, 28, 28)
-    assert torch.equal(full.net.eval()(x), net.eval()(x))
+    materialize(net).load_state_dict(full.net.state_dict())  # buffers stayed real (BERT's position ids)
+    x = case.batch(4)
+    if x.is_floating_point():
+        x = x.expand(-1, 3, -1, -1)
+    logits = cls.architecture.logits
+    assert torch.equal(logits(full.net.eval()(x)), logits(net.eval()(x)))
 
 
 def test_a_participant_never_builds_the_full_model(monkeypatch):
@@ -139,9 +184,9 @@ def test_a_participant_never_builds_the_full_model(monkeypatch):
     assert all(0 < m.weight.std() < 1 for m in convs)
 
 
-def test_a_partial_update_touches_exactly_its_slice(torchvision_model):
+def test_a_partial_update_touches_exactly_its_slice(derived):
     """Fusing one participant's changed slice changes the global elements its plan holds and no other."""
-    _, full, spec = torchvision_model
+    _, full, spec = derived
     state = full.state_dict()
     plan = _random_plan(spec, 0.25, seed=2)
     trained = {k: (v + 1 if v.is_floating_point() else v) for k, v in slice_state(state, spec, plan).items()}

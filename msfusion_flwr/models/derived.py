@@ -30,7 +30,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,9 @@ class Architecture:
     ``build(num_classes)`` returns the full-width ``nn.Module``; ``in_channels``
     and ``example_size`` (height, width) shape the example input tracing uses;
     ``units`` are :func:`~msfusion_flwr.engine.derivation.derive_groups`'s hints.
+    ``example`` overrides the example input (``device -> input``, e.g. token ids
+    for a ``transformers`` encoder) and ``output_transform`` picks the logits
+    from what the network returns (``lambda out: out.logits``).
     With ``static_batch_norm`` (the default) every BatchNorm normalises with the
     batch's statistics, in training and evaluation (HeteroFL's static BN): running
     statistics gathered by a slice do not fit the full model, whose hidden sums
@@ -59,9 +62,17 @@ class Architecture:
     example_size: tuple[int, int] = (32, 32)
     units: Mapping[str, int] = field(default_factory=dict)
     static_batch_norm: bool = True
+    example: Callable[[str | torch.device], Any] | None = None
+    output_transform: Callable[[Any], Tensor] | None = None
+    input_kind: str = "image"
 
-    def example_input(self, device: str | torch.device = "meta") -> Tensor:
+    def example_input(self, device: str | torch.device = "meta") -> Any:
+        if self.example is not None:
+            return self.example(device)
         return torch.zeros(2, self.in_channels, *self.example_size, device=device)
+
+    def logits(self, output: Any) -> Tensor:
+        return self.output_transform(output) if self.output_transform else output
 
     def network(self, num_classes: int) -> nn.Module:
         """The architecture as the engine splits it (static BN applied)."""
@@ -162,7 +173,7 @@ class DerivedClassifier(nn.Module):
         if self.repeat_channels > 1:  # grayscale images for an RGB architecture
             x = x.expand(-1, self.repeat_channels, -1, -1)
         self._features.clear()
-        logits = self.net(x)
+        logits = self.architecture.logits(self.net(x))
         return logits, self._features.pop()
 
     def features(self, x: Tensor) -> Tensor:
@@ -183,7 +194,7 @@ def derived_model_class(architecture: Architecture) -> type[DerivedClassifier]:
 
     with torch.device("meta"):
         traced = architecture.network(10)
-    groups = derive_groups(traced, architecture.example_input(), units=architecture.units)
+    groups = derive_groups(traced, architecture.example_input(), architecture.output_transform, architecture.units)
     if not groups:
         raise DerivationError(f"model {architecture.name!r}: derivation found no width group to split")
     spec = SplitSpec(groups, {k: v.shape for k, v in traced.state_dict().items()})
@@ -200,6 +211,7 @@ def derived_model_class(architecture: Architecture) -> type[DerivedClassifier]:
         "feature_group": group.name,
         "feature_unit": axis.unit,
         "head_module": heads[0],
+        "input_kind": architecture.input_kind,
         "__doc__": f"{architecture.name}, its width groups derived from its graph.",
     }
     return type(f"Derived[{architecture.name}]", (DerivedClassifier,), attributes)
@@ -234,3 +246,35 @@ def is_derived_name(name: str) -> bool:
     """Whether ``name`` names a model by a prefix (``torchvision:``) rather than the registry."""
     return name.startswith(TORCHVISION_PREFIX)
 
+
+
+def transformers_architecture(config: Any, example_length: int = 8) -> Architecture:
+    """A ``transformers`` sequence classifier built from ``config`` (no download), attention heads as units.
+
+    The head hint comes from the config (``hidden_size / num_attention_heads``
+    channels per head) for every module that holds ``attention_head_size``:
+    BERT-style self-attention reshapes its projections into heads of that size.
+    """
+    import transformers
+
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def build(num_classes: int) -> nn.Module:
+        config.num_labels = num_classes
+        return transformers.AutoModelForSequenceClassification.from_config(config)
+
+    with torch.device("meta"):
+        probe = build(2)
+    units = {
+        f"{name}.{child}": head_dim
+        for name, module in probe.named_modules() if hasattr(module, "attention_head_size")
+        for child in ("query",) if hasattr(module, child)
+    }  # fmt: skip
+
+    def example(device: str | torch.device) -> dict[str, Tensor]:
+        return {"input_ids": torch.zeros(2, example_length, dtype=torch.long, device=device)}
+
+    return Architecture(
+        f"transformers:{config.model_type}", build, units=units, example=example,
+        output_transform=lambda out: out.logits, input_kind="text",
+    )  # fmt: skip
