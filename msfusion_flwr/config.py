@@ -41,7 +41,7 @@ from .data import DATASETS, NUM_CLASSES, PARTITIONERS, TEXT_DATASETS, TEXT_PARTI
 from .engine.policies import block_count
 from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
 from .models import MODELS, OUTPUT_SCALINGS, ModelSettings, model_class
-from .models.derived import TORCHVISION_PREFIX, is_derived_name
+from .models.derived import HF_PREFIX, TORCHVISION_PREFIX, is_derived_name
 
 WINDOW_LAYOUTS = ("rolling", "blocks")
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
@@ -293,7 +293,7 @@ KEYS: dict[str, Key] = {
     "model": _key(
         "model", "name",
         ((lambda v: v in MODELS or (isinstance(v, str) and is_derived_name(v))),
-         "one of " + ", ".join(repr(m) for m in MODELS) + f" or {TORCHVISION_PREFIX + '<name>'!r} (any torchvision classifier)"),
+         "one of " + ", ".join(repr(m) for m in MODELS) + f" or {TORCHVISION_PREFIX + '<name>'!r} (any torchvision classifier) or {HF_PREFIX + '<type or config>'!r} (a transformers image classifier)"),
     ),
     "num-server-rounds": _key("federation", "num_server_rounds", _integer(1)),
     "fraction-train": _key("federation", "fraction_train", _number(0.0, 1.0, True, False)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,13 +98,31 @@ class Case:
         return self.cls(widths, **self.kwargs)
 
 
-@pytest.fixture(scope="module", params=[*TORCHVISION, ENCODER])
-def derived(request):
+def _small_vit_config(folder: Path) -> Path:
+    """A local config folder of a small transformers ViT (what ``model = "hf:<folder>"`` reads)."""
+    import transformers
+
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    )  # fmt: skip
+    config.save_pretrained(folder)
+    return folder
+
+
+HF_VIT = "hf:<small ViT config folder>"
+
+
+@pytest.fixture(scope="module", params=[*TORCHVISION, ENCODER, HF_VIT])
+def derived(request, tmp_path_factory):
     """torchvision's ResNet-18 and MobileNetV2 on grayscale 28x28 images; a small BERT sequence classifier
-    built from its config (heads as units, by the hint its config gives)."""
+    built from its config and a small ViT named by its config folder (heads as units, by the hint their
+    attention modules give; the ViT's class token and position embeddings are bare parameters)."""
     torch.manual_seed(0)
     if request.param == ENCODER:
         case = Case(_small_bert(), {"num_classes": 3}, lambda n: torch.randint(0, 100, (n, 8)))
+    elif request.param == HF_VIT:
+        folder = _small_vit_config(tmp_path_factory.mktemp("vit"))
+        case = Case(model_class(f"hf:{folder}"), {"num_classes": 10, "in_channels": 1}, lambda n: torch.randn(n, 1, 32, 32))
     else:
         case = Case(model_class(request.param), {"num_classes": 10, "in_channels": 1}, lambda n: torch.randn(n, 1, 28, 28))
     full = case.build()
@@ -124,6 +143,18 @@ def test_a_quarter_slice_of_a_derived_model_loads_and_runs(derived):
     logits, features = narrow.outputs(case.batch(3))
     assert logits.shape == (3, case.kwargs["num_classes"])
     assert features.shape == (3, len(plan[narrow.feature_group]) * narrow.feature_unit)
+
+
+def test_a_transformers_vit_splits_heads_and_its_bare_parameters(tmp_path):
+    """ViT (hf:<config folder>): 4 attention heads of 16 channels per layer; the class token and the position
+    embeddings run along the residual stream's group."""
+    cls = model_class(f"hf:{_small_vit_config(tmp_path)}")
+    groups = {g.name: g for g in cls.GROUPS}
+    stream = groups["vit.embeddings.patch_embeddings.projection"]
+    assert stream.width == 64
+    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"} <= {a.tensor for a in stream.axes}
+    attention = groups["vit.layers.0.attention.q_proj"]
+    assert attention.width == 4 and {a.unit for a in attention.axes} == {16}
 
 
 def test_the_encoders_attention_groups_count_heads():
@@ -279,6 +310,10 @@ def test_config_takes_torchvision_names_and_refuses_what_it_cannot_run():
         RunConfig.from_mapping({"model": "torchvision:resnet18", "output-scaling": "scaler"})
     with pytest.raises(ConfigError, match=r"^config key 'model' must be one of .*torchvision:<name>"):
         RunConfig.from_mapping({"model": "resnet18"})
+    with pytest.raises(ConfigError, match=r"^config key 'model': transformers model type 'bert' has no image-classification model"):
+        RunConfig.from_mapping({"model": "hf:bert"})
+    with pytest.raises(ConfigError, match=r"^config key 'model': .*grouped convolution"):
+        RunConfig.from_mapping({"model": "hf:regnet"})
 
 
 def test_msfusion_trains_a_torchvision_model_through_the_simulation_engine(tmp_path, monkeypatch):

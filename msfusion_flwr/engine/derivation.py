@@ -163,11 +163,12 @@ def _width_group(
     axes: dict[tuple[str, int], Axis] = {}
     for item in tp_group:
         target = item.dep.target
-        if target.type == ops.OPTYPE.PARAMETER:
-            raise DerivationError(
-                f"{graph._param_to_name.get(target.module, 'a parameter')}: a bare nn.Parameter is coupled to group {name!r}; "
-                "derivation splits only modules' tensors, declare this model's width groups by hand"
-            )
+        if target.type == ops.OPTYPE.PARAMETER:  # a bare nn.Parameter (a class token, a layer scale)
+            key = graph._param_to_name[target.module]
+            unit, blocks = _layout(key, torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs), width)
+            dim = target.pruning_dim % target.module.dim()
+            axes.setdefault((key, dim), Axis(key, dim, unit, blocks))
+            continue
         module = target.module
         if module not in names:
             continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, ...: no tensors
@@ -178,6 +179,21 @@ def _width_group(
             key = f"{module_name}.{local}" if module_name else local
             axes.setdefault((key, dim), Axis(key, dim, unit, blocks, consumes and not _is_depthwise(module)))
     return WidthGroup(name, width, tuple(axes.values()))
+
+
+PRUNED_TYPES = {
+    ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR, ops.OPTYPE.BN, ops.OPTYPE.LN, ops.OPTYPE.EMBED,
+    ops.OPTYPE.GN, ops.OPTYPE.IN, ops.OPTYPE.PRELU,
+}  # fmt: skip
+"""Module types whose tensors Torch-Pruning's per-layer functions cut (and whose attributes they fix)."""
+
+
+def _narrow_parameter(module: nn.Module, name: str, dim: int, dropped: Tensor) -> None:
+    param = module._parameters[name]
+    keep = torch.ones(param.shape[dim], dtype=torch.bool)
+    keep[dropped] = False
+    kept = torch.nonzero(keep).flatten().to(param.device)
+    module._parameters[name] = nn.Parameter(param.detach().index_select(dim, kept), param.requires_grad)
 
 
 def narrow_to(model: nn.Module, groups: Sequence[WidthGroup], widths: Mapping[str, int]) -> nn.Module:
@@ -193,12 +209,16 @@ def narrow_to(model: nn.Module, groups: Sequence[WidthGroup], widths: Mapping[st
         dropped = torch.arange(width, group.width)
         done: set[tuple[str, bool]] = set()
         for axis in group.axes:
-            module_name = axis.tensor.rpartition(".")[0]
+            module_name, _, local = axis.tensor.rpartition(".")
+            module = modules[module_name]
+            dropped_positions = axis_positions(axis, group.width, dropped)
+            if ops.module2type(module) not in PRUNED_TYPES:  # a bare nn.Parameter of a container module
+                _narrow_parameter(module, local, axis.dim, dropped_positions)
+                continue
             if (module_name, axis.consumes) in done:
                 continue
             done.add((module_name, axis.consumes))
-            module = modules[module_name]
             pruner = tp_function.PrunerBox[ops.module2type(module)]
             prune = pruner.prune_in_channels if axis.consumes else pruner.prune_out_channels
-            prune(module, axis_positions(axis, group.width, dropped).tolist())
+            prune(module, dropped_positions.tolist())
     return model

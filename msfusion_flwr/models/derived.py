@@ -1,7 +1,10 @@
 """Any PyTorch classifier as a splittable model, its width groups derived from its graph.
 
 A run config names one with ``model = "torchvision:<name>"`` (a torchvision
-classification model, e.g. ``torchvision:resnet18``, built without weights);
+classification model, e.g. ``torchvision:resnet18``, built without weights) or
+``model = "hf:<type or config>"`` (a ``transformers`` image classifier built
+from its config: a model type such as ``hf:resnet`` or ``hf:vit``, or a local
+config folder; no download);
 Python code wraps its own ``nn.Module`` with :func:`derived_model_class`. The
 class it returns speaks the protocol every model of the engine speaks
 (``widths``/``rate`` in the constructor, ``FULL_WIDTHS``, ``outputs``,
@@ -30,6 +33,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from ..engine.groups import SplitSpec, WidthGroup
 
 TORCHVISION_PREFIX = "torchvision:"
+HF_PREFIX = "hf:"
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,12 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """Allocate ``model``'s meta parameters on the CPU at their shapes and initialise every layer that can."""
+    """Allocate ``model``'s meta parameters on the CPU at their shapes and initialise every layer that can
+    (``reset_parameters``); parameters no layer resets (a class token, a layer scale) start at zero."""
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.device.type == "meta":
-                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), param.requires_grad)
+                module._parameters[name] = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype), param.requires_grad)
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
             reset()
@@ -236,15 +242,18 @@ def _build_torchvision(name: str, num_classes: int) -> nn.Module:
 
 @functools.cache
 def named_derived_class(name: str) -> type[DerivedClassifier]:
-    """The model class a run config's ``model = "torchvision:<name>"`` names (derived once per process)."""
+    """The model class a run config's ``model = "torchvision:<name>"`` or ``"hf:<type or config>"`` names
+    (derived once per process)."""
     if name.startswith(TORCHVISION_PREFIX):
         return derived_model_class(torchvision_architecture(name.removeprefix(TORCHVISION_PREFIX)))
+    if name.startswith(HF_PREFIX):
+        return derived_model_class(hf_image_architecture(name.removeprefix(HF_PREFIX)))
     raise ValueError(f"unknown model {name!r}")
 
 
 def is_derived_name(name: str) -> bool:
-    """Whether ``name`` names a model by a prefix (``torchvision:``) rather than the registry."""
-    return name.startswith(TORCHVISION_PREFIX)
+    """Whether ``name`` names a model by a prefix (``torchvision:``, ``hf:``) rather than the registry."""
+    return name.startswith((TORCHVISION_PREFIX, HF_PREFIX))
 
 
 
@@ -257,24 +266,61 @@ def transformers_architecture(config: Any, example_length: int = 8) -> Architect
     """
     import transformers
 
-    head_dim = config.hidden_size // config.num_attention_heads
-
     def build(num_classes: int) -> nn.Module:
         config.num_labels = num_classes
         return transformers.AutoModelForSequenceClassification.from_config(config)
-
-    with torch.device("meta"):
-        probe = build(2)
-    units = {
-        f"{name}.{child}": head_dim
-        for name, module in probe.named_modules() if hasattr(module, "attention_head_size")
-        for child in ("query",) if hasattr(module, child)
-    }  # fmt: skip
 
     def example(device: str | torch.device) -> dict[str, Tensor]:
         return {"input_ids": torch.zeros(2, example_length, dtype=torch.long, device=device)}
 
     return Architecture(
-        f"transformers:{config.model_type}", build, units=units, example=example,
-        output_transform=lambda out: out.logits, input_kind="text",
+        f"transformers:{config.model_type}", build, units=attention_head_hints(build), example=example,
+        output_transform=_logits, input_kind="text",
+    )  # fmt: skip
+
+
+def _logits(output: Any) -> Tensor:
+    return output.logits
+
+
+def attention_head_hints(build: Callable[[int], nn.Module]) -> dict[str, int]:
+    """Unit hints for ``transformers`` self-attention: a module holding its head size (``attention_head_size``
+    or ``head_dim``) and a query projection (``query`` or ``q_proj``) reshapes its projections into heads of
+    that size, so heads are the units."""
+    with torch.device("meta"):
+        probe = build(2)
+    hints = {}
+    for name, module in probe.named_modules():
+        size = getattr(module, "attention_head_size", getattr(module, "head_dim", None))
+        query = next((q for q in ("query", "q_proj") if isinstance(getattr(module, q, None), nn.Linear)), None)
+        if isinstance(size, int) and query is not None:
+            hints[f"{name}.{query}"] = size
+    return hints
+
+
+def hf_image_architecture(spec: str) -> Architecture:
+    """A ``transformers`` image classifier from a config, without weights: ``spec`` is a model type
+    (``resnet``, ``vit``, ...: the type's default config) or a local folder / ``config.json``."""
+    import transformers
+
+    try:
+        path = Path(spec).expanduser()
+        if path.exists():
+            config = transformers.AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+        else:
+            config = transformers.AutoConfig.for_model(spec)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"'{HF_PREFIX}{spec}' is neither a transformers model type nor a local config ({' '.join(str(error).split())[:200]})") from None
+    if type(config) not in transformers.AutoModelForImageClassification._model_mapping:
+        raise ValueError(f"transformers model type {config.model_type!r} has no image-classification model")
+
+    def build(num_classes: int) -> nn.Module:
+        config.num_labels = num_classes
+        return transformers.AutoModelForImageClassification.from_config(config)
+
+    size = getattr(config, "image_size", 32)
+    size = size if isinstance(size, int) else int(size[0])
+    return Architecture(
+        f"{HF_PREFIX}{spec}", build, in_channels=getattr(config, "num_channels", 3), example_size=(size, size),
+        units=attention_head_hints(build), output_transform=_logits,
     )  # fmt: skip

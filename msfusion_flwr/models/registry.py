@@ -63,12 +63,12 @@ class ModelSettings:
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The model class registered as ``name``, or derived for ``torchvision:<name>`` (:mod:`.derived`)."""
+    """The model class registered as ``name``, or derived for ``torchvision:<name>`` / ``hf:<...>`` (:mod:`.derived`)."""
     if name in MODELS:
         return MODELS[name]
     if is_derived_name(name):
         return named_derived_class(name)
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or 'torchvision:<name>'")
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or 'torchvision:<name>' or 'hf:<type or config>'")
 
 
 def build_model(
