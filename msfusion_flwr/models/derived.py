@@ -100,6 +100,8 @@ def parameters_on_meta() -> Iterator[None]:
 
     Each parameter exists for a moment at its constructed size before it moves,
     so the peak is one tensor, never the model; initialisers then run on meta, for free.
+    It patches ``nn.Module.register_parameter`` while it lasts: modules other threads
+    build meanwhile would land on meta too (a participant builds its model alone).
     """
     original = nn.Module.register_parameter
 
