@@ -37,7 +37,12 @@ import time
 import uuid
 from pathlib import Path
 
-from msfusion_flwr.deployment.processes import MARKER_KEY, free_port, pids_with_marker, wait_gone
+from msfusion_flwr.deployment.processes import (
+    MARKER_KEY,
+    free_port,
+    pids_with_marker,
+    wait_gone,
+)
 from msfusion_flwr.server.reporting import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +53,7 @@ ACTOR_CLASS = "ClientAppActor"
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} ... exited {proc.returncode}: {output[-2000:]}")
@@ -72,7 +77,9 @@ def _stop_all(marker: str) -> list[int]:
 def _actor_nodes(address: str) -> tuple[int, dict[str, int]]:
     """(alive Ray nodes, ClientApp actors per Ray node id) as the cluster's GCS records them."""
     import ray
-    from ray._private import state  # the GCS view; ray.util.state needs the dashboard, which is off
+    from ray._private import (
+        state,  # the GCS view; ray.util.state needs the dashboard, which is off
+    )
 
     ray.init(address=address, log_to_driver=False)
     try:
