@@ -9,8 +9,10 @@ and outs). Every coupled set becomes one :class:`~.groups.WidthGroup` through
 the same per-module-type axis rules hand-written declarations use
 (:data:`~.groups.OUTPUT_RULES`, :data:`~.groups.INPUT_RULES`); how many
 positions one unit covers along each axis (a flatten of a 2x2 map: 4) is read
-off Torch-Pruning's index mapping. The channels that reach the model's output
-(the classes) and the model's input channels are never split.
+off Torch-Pruning's index mapping. Bare ``nn.Parameter``s coupled to a group
+(a class token, position embeddings, a layer scale) are axes of it too. The
+channels that reach the model's output (the classes) and the model's input
+channels are never split.
 
 :func:`narrow_to` cuts a model, in place, to given group widths with
 Torch-Pruning's per-layer pruning functions (which also fix ``in_channels``,
