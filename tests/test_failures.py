@@ -151,30 +151,3 @@ def test_presets_that_need_more_nodes_than_flowers_default_say_so_first():
             first = text.splitlines()[0]
             assert first.startswith(f"# Needs {needed} SuperNodes: flwr run . ") and f"num-supernodes={needed}" in first, path.name
             assert f"--run-config conf/{path.name}" in first, path.name
-
-
-@pytest.mark.parametrize("method", ["msfusion", "fedavg"])
-def test_a_second_node_claiming_a_taken_partition_is_left_out_of_every_round(method, caplog):
-    """Nodes 1 and 3 both claim partition 1: node 1 (first) keeps it, node 3 gets no train message in any
-    round, and the log names both; the other nodes train as before."""
-    from flwr.app import ArrayRecord
-
-    from msfusion_flwr.config import RunConfig
-    from msfusion_flwr.engine import SplitSpec
-    from msfusion_flwr.experiments.loopback import LoopbackGrid
-    from msfusion_flwr.models import build_model
-    from msfusion_flwr.protocol import client_config
-    from msfusion_flwr.server.methods import make_strategy
-
-    run = RunConfig.from_mapping({"method": method, "min-available-nodes": 4})
-    model = build_model("cnn")
-    strategy = make_strategy(run, SplitSpec.from_model(model))
-    grid = LoopbackGrid(4)
-    grid.contexts[3].node_config["partition-id"] = 1
-    if method == "fedavg":
-        strategy.nodes.learn(grid, grid.get_node_ids())  # FedAvg learns the profiles once at start (server/run.py)
-    for server_round in (1, 2):
-        messages = list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), client_config(run), grid))
-        assert sorted(m.metadata.dst_node_id for m in messages) == [0, 1, 2]
-    assert strategy.nodes.refused == {3: "claims partition 1, which node 1 holds"}
-    assert "node 3 claims partition 1, which node 1 claimed first" in caplog.text

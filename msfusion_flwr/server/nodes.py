@@ -3,10 +3,7 @@
 A node's *profile* is what it tells about itself when queried once (its
 partition id, its rank among a round's participants, the number of partitions,
 and optionally its own split-ratio budget). Nodes that did not answer rank
-last, by node id. A partition belongs to the first node that claims it: a later
-node naming the same partition id is left out of every round, with a warning
-naming both (two nodes training one partition would give its data twice the
-weight, and a registered device could otherwise take over another's partition).
+last, by node id.
 
 Waiting for nodes is bounded (``node-wait-timeout``): in simulation every node
 registers at start, so after a short wait the count is final; in deployment
@@ -90,23 +87,18 @@ class NodeDirectory:
 
     query_timeout: float | None = None
     profiles: dict[int, NodeProfile] = field(default_factory=dict)
-    refused: dict[int, str] = field(default_factory=dict)
-    """Node id -> why it takes part in no round (a partition another node claimed first)."""
 
     def learn(self, grid: Grid, nodes: Iterable[int]) -> None:
         """Ask nodes not seen before for their profile (one query each)."""
-        unknown = [n for n in nodes if n not in self.profiles and n not in self.refused]
+        unknown = [n for n in nodes if n not in self.profiles]
         if not unknown:
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        answers = {}
         for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
             profile = None if reply.has_error() else decode_profile(reply.content)
             if profile is not None:
-                answers[reply.metadata.src_node_id] = NodeProfile(*profile)
-        for node in sorted(answers):  # among nodes that join together, the lower node id claims first
-            self._claim(node, answers[node])
-        silent = [n for n in unknown if n not in self.profiles and n not in self.refused]
+                self.profiles[reply.metadata.src_node_id] = NodeProfile(*profile)
+        silent = [n for n in unknown if n not in self.profiles]
         if silent:
             log(
                 WARNING,
@@ -114,23 +106,6 @@ class NodeDirectory:
                 "by node id, at the run config's budget; check their logs (node config partition-id and num-partitions)",
                 len(silent), len(unknown), "no limit" if self.query_timeout is None else f"{self.query_timeout:g}",
             )  # fmt: skip
-
-    def _claim(self, node: int, profile: NodeProfile) -> None:
-        owner = next((n for n, p in self.profiles.items() if p.partition_id == profile.partition_id), None)
-        if owner is None:
-            self.profiles[node] = profile
-            return
-        self.refused[node] = f"claims partition {profile.partition_id}, which node {owner} holds"
-        log(
-            WARNING,
-            "node %d claims partition %d, which node %d claimed first: node %d is left out of every round "
-            "(one partition trained twice would count twice); give every SuperNode its own partition-id",
-            node, profile.partition_id, owner, node,
-        )  # fmt: skip
-
-    def eligible(self, nodes: Iterable[int]) -> list[int]:
-        """``nodes`` without the refused ones."""
-        return [n for n in nodes if n not in self.refused]
 
     def num_partitions(self) -> set[int]:
         """The numbers of partitions the known nodes report (one value in a consistent federation)."""

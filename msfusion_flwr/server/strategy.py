@@ -119,13 +119,12 @@ class SubmodelStrategy(Strategy):
         """This round's participants, ordered by partition id (their rank).
 
         A seeded sample of ``int(N * fraction-train)`` (at least one) of the N
-        connected nodes that hold a partition of their own (:class:`~.nodes.NodeDirectory`),
-        so the same run config samples the same partitions.
+        connected nodes, so the same run config samples the same partitions.
         """
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         self.nodes.learn(grid, nodes)
-        ordered = sorted(self.nodes.eligible(nodes), key=self.nodes.rank_key)
-        size = min(len(ordered), max(1, int(len(ordered) * self.fraction_train)))
+        ordered = sorted(nodes, key=self.nodes.rank_key)
+        size = max(1, int(len(ordered) * self.fraction_train))
         rng = random.Random(f"{self.seed}:{server_round}")
         return [ordered[i] for i in sorted(rng.sample(range(len(ordered)), size))]
 
@@ -245,7 +244,7 @@ class MeteredFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
-        messages = [m for m in super().configure_train(server_round, arrays, config, grid) if m.metadata.dst_node_id not in self.nodes.refused]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         shapes = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
         self._expected = {m.metadata.dst_node_id: shapes for m in messages}
         self.meter.sent(server_round, messages)
