@@ -8,17 +8,12 @@ import tempfile
 import datasets
 import huggingface_hub
 import pytest
-import torch
 
 from msfusion_flwr.data.cache import CACHE_ENV
 
 # Partition indices cached by the tests (and the processes they start) go to a folder of this session,
 # not to the user's ~/.cache.
 os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="msfusion-test-cache-")
-
-# Under pytest-xdist every worker is one process per core: one torch thread each, not one per core each.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
