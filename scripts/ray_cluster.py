@@ -37,6 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
+from msfusion_flwr.deployment.flower import flower_env
 from msfusion_flwr.deployment.processes import (
     MARKER_KEY,
     free_port,
@@ -99,17 +100,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        MARKER_KEY: marker,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(work / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = flower_env(
+        work / "flwr-home", BIN, **{MARKER_KEY: marker}, RAY_USAGE_STATS_ENABLED="0",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     ray = [str(BIN / "ray"), "start", "--num-cpus", "1", "--temp-dir", str(work / "ray"), "--disable-usage-stats"]
     failed = True

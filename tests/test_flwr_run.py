@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from msfusion_flwr.deployment.flower import flower_env
 from msfusion_flwr.server.reporting import CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, read_metrics
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process cleanup reads /proc")
@@ -130,17 +131,9 @@ def flwr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flwr]:
     app = tmp / "app"
     shutil.copytree(REPO, app, ignore=COPY_IGNORE)
     flwr_home = tmp / "flwr-home"
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr spawns flower-superlink etc. by name
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-    env.pop("VIRTUAL_ENV", None)
+    env = flower_env(
+        flwr_home, BIN, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(_free_port())
+    )
     try:
         yield Flwr(app=app, env=env, tmp=tmp)
     finally:

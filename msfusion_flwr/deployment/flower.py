@@ -27,6 +27,27 @@ def flower_bin() -> Path:
     return Path(found).parent
 
 
+def flower_env(flwr_home: Path, bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment for Flower's CLI and the processes it spawns, isolated in ``flwr_home``.
+
+    ``bin_dir`` (default :func:`flower_bin`) goes first on ``PATH``, since Flower starts
+    its executables by name; no runtime dependency installation, telemetry or update
+    check; no ``VIRTUAL_ENV`` (PATH decides); ``extra`` variables on top.
+    """
+    bin_dir = flower_bin() if bin_dir is None else bin_dir
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **extra,
+    }
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
 def parse_budgets(text: str | None) -> tuple[float, ...]:
     """``"0.25,0.5,1.0"`` -> (0.25, 0.5, 1.0); each must be in (0, 1]."""
     if not text:

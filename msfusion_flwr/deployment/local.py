@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .certificates import generate_certificates
-from .flower import CONNECTION, flower_bin, node_config, toml_value, write_connection
+from .flower import CONNECTION, flower_bin, flower_env, node_config, toml_value, write_connection
 from .node_keys import generate_node_key
 from .processes import (
     HOST,
@@ -167,17 +167,7 @@ class LocalDeployment:
     @property
     def env(self) -> dict[str, str]:
         """The environment of every process and CLI call: the venv's bin/ first, FLWR_HOME, the marker."""
-        env = {
-            **os.environ,
-            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its executables by name
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("VIRTUAL_ENV", None)
-        return self.processes.marked(env)
+        return self.processes.marked(flower_env(self.flwr_home, self.bin, PYTHONUNBUFFERED="1"))
 
     def budget(self, index: int) -> float | None:
         return float(self.budgets[index % len(self.budgets)]) if self.budgets else None
