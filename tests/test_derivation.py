@@ -28,12 +28,23 @@ from msfusion_flwr.models.derived import (
     parameters_on_meta,
     transformers_architecture,
 )
-from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS
+from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, register_conv1d_pruner
 
-HAND_WRITTEN = {
-    "cnn": ({}, torch.zeros(2, 1, 28, 28)),
-    "preresnet18": ({}, torch.zeros(2, 3, 32, 32)),
-    "transformer": ({"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long)),
+GPT2 = "model.transformer"
+HAND_WRITTEN = {  # model -> (constructor kwargs, example input, device to trace on, units hint, stacked hint)
+    "cnn": ({}, torch.zeros(2, 1, 28, 28), "meta", {}, {}),
+    "preresnet18": ({}, torch.zeros(2, 3, 32, 32), "meta", {}, {}),
+    "transformer": (
+        {"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long), "meta",
+        {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)}, {},
+    ),
+    # GPT-2's attention-mask code cannot run on the meta device. Its hints: heads of HEAD_DIM channels, q/k/v
+    # stacked in c_attn, and the residual stream in HEAD_DIM-channel units too (GPT-2 ties n_head to n_embd).
+    "gpt2": (
+        {"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long), "cpu",
+        {f"{GPT2}.wte": HEAD_DIM} | {f"{GPT2}.h.{i}.attn.c_attn": HEAD_DIM for i in range(NUM_LAYERS)},
+        {f"{GPT2}.h.{i}.attn.c_attn": 3 for i in range(NUM_LAYERS)},
+    ),
 }
 
 
@@ -43,14 +54,25 @@ def _axis_sets(groups) -> dict[frozenset, int]:
 
 @pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
 def test_derived_groups_equal_the_hand_written_declarations(name):
-    """Traced on the meta device, every model's groups are its declarations: the same axes, units and widths."""
-    kwargs, example = HAND_WRITTEN[name]
-    with torch.device("meta"):
+    """Traced (on the meta device where the model allows), every model's groups are its declarations:
+    the same axes, units and widths."""
+    kwargs, example, device, units, stacked = HAND_WRITTEN[name]
+    if name == "gpt2":
+        register_conv1d_pruner()
+    with torch.device(device):
         traced = build_model(name, **kwargs)
-    heads = {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)} if name == "transformer" else {}
-    derived = derive_groups(traced, example.to("meta"), units=heads)
+    derived = derive_groups(traced, example.to(device), units=units, stacked=stacked)
     declared = SplitSpec.from_model(build_model(name, **kwargs)).groups.values()
     assert _axis_sets(derived) == _axis_sets(declared)
+
+
+def test_a_fused_qkv_projection_without_its_stacked_hint_is_a_one_line_error():
+    """Torch-Pruning maps GPT-2's 3d fused q/k/v outputs through attention onto the out-projection's d inputs;
+    without the stacked hint that would index past the tensor, so derivation refuses, naming the layer."""
+    register_conv1d_pruner()
+    kwargs, example, _, units, _ = HAND_WRITTEN["gpt2"]
+    with pytest.raises(DerivationError, match=rf"^{GPT2}.h.0.attn.c_proj: tracing maps 384 channels onto its 128 inputs"):
+        derive_groups(build_model("gpt2", **kwargs), example, units=units)
 
 
 def test_a_unit_hint_applies_to_the_group_its_layer_produces_only():

@@ -19,6 +19,12 @@ Torch-Pruning's per-layer pruning functions (which also fix ``in_channels``,
 ``groups``, ``num_features``, ...); on a model whose parameters live on the
 meta device it allocates nothing but the narrow model's buffers.
 
+Two hints say what tracing cannot: ``units`` (channels per unit, e.g. an
+attention head's size) and ``stacked`` (a fused q/k/v projection whose outputs
+are 3 stacked copies of its group's units). Third-party layer types join with
+an axis rule in :data:`~.groups.OUTPUT_RULES`/:data:`~.groups.INPUT_RULES` and a
+Torch-Pruning pruner in :data:`PRUNERS`.
+
 What tracing cannot see, it cannot split correctly: data-dependent control flow
 (only the traced path is recorded) and operations Torch-Pruning treats as
 element-wise although they mix channels. Such models declare their groups by
@@ -47,6 +53,10 @@ from .groups import (
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 """Layers whose output channels start a group (Torch-Pruning's roots)."""
+
+
+PRUNERS: dict[type[nn.Module], tp_function.BasePruningFunc] = {}
+"""Torch-Pruning pruners for layer types it does not know (e.g. ``transformers``' ``Conv1D``)."""
 
 
 class DerivationError(ValueError):
@@ -106,16 +116,18 @@ def derive_groups(
     example_inputs: Any,
     output_transform: Callable[[Any], Tensor] | None = None,
     units: Mapping[str, int] | None = None,
+    stacked: Mapping[str, int] | None = None,
 ) -> list[WidthGroup]:
     """The width groups of ``model``, traced on ``example_inputs`` (the meta device is enough).
 
     ``output_transform`` picks the output tensor from what ``model`` returns
     (e.g. ``lambda out: out.logits``); its channels are never split.
-    ``units`` is the one hint tracing cannot give: layer name -> channels per
-    unit of the group that layer produces (an attention projection's head
-    dimension, so that heads, not channels, are the units). Groups are named
-    after their first-registered producing layer and ordered as the model
-    registers it.
+    ``units`` maps a layer name to the channels per unit of the group that
+    layer produces (an attention projection's head dimension, so that heads,
+    not channels, are the units). ``stacked`` maps a layer to the number of
+    equal parts its outputs stack, each holding every unit of its group once
+    (a fused q/k/v projection: 3). Groups are named after their
+    first-registered producing layer and ordered as the model registers it.
     """
     traced: list[Tensor] = []
 
@@ -124,16 +136,18 @@ def derive_groups(
         traced.append(tensor)
         return tensor
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, output_transform=keep_output)
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example_inputs, output_transform=keep_output, customized_pruners=dict(PRUNERS) or None
+    )
     output = _output_node(graph, traced[0])
     names = {module: name for name, module in model.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
     groups = []
-    for tp_group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+    for tp_group in graph.get_all_groups(root_module_types=(*ROOT_TYPES, *PRUNERS)):
         out_nodes = [item.dep.target for item in tp_group if graph.is_out_channel_pruning_fn(item.dep.handler)]
         if output is not None and any(node is output for node in out_nodes):
             continue  # the model's outputs (classes, vocabulary): never split
-        groups.append(_width_group(graph, tp_group, names, order))
+        groups.append(_width_group(graph, tp_group, names, order, stacked or {}))
     groups = [_with_hint(group, units or {}) for group in groups]
     return sorted(groups, key=lambda g: order[g.name])
 
@@ -152,22 +166,31 @@ def _with_hint(group: WidthGroup, units: Mapping[str, int]) -> WidthGroup:
 
 
 def _width_group(
-    graph: tp.DependencyGraph, tp_group: Any, names: Mapping[nn.Module, str], order: Mapping[str, int]
+    graph: tp.DependencyGraph,
+    tp_group: Any,
+    names: Mapping[nn.Module, str],
+    order: Mapping[str, int],
+    stacked: Mapping[str, int],
 ) -> WidthGroup:
     """One Torch-Pruning group as a width group, named after its first-registered producing layer."""
     root = tp_group[0].dep.target.module
-    width = graph.get_pruner_of_module(root).get_out_channels(root)
     producers = [
         names[item.dep.target.module] for item in tp_group
         if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)
     ]
     name = min(producers, key=order.__getitem__)
+    parts = _stacked_parts(names[root], producers, stacked)
+    channels = graph.get_pruner_of_module(root).get_out_channels(root)
+    if channels % parts:
+        raise DerivationError(f"{names[root]}: stacked hint {parts} does not divide its {channels} outputs")
+    width = channels // parts
     axes: dict[tuple[str, int], Axis] = {}
     for item in tp_group:
         target = item.dep.target
+        positions, roots = torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs) % width
         if target.type == ops.OPTYPE.PARAMETER:  # a bare nn.Parameter (a class token, a layer scale)
             key = graph._param_to_name[target.module]
-            unit, blocks = _layout(key, torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs), width)
+            unit, blocks = _layout(key, positions, roots, width)
             dim = target.pruning_dim % target.module.dim()
             axes.setdefault((key, dim), Axis(key, dim, unit, blocks))
             continue
@@ -176,11 +199,53 @@ def _width_group(
             continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, ...: no tensors
         module_name = names[module]
         consumes = not graph.is_out_channel_pruning_fn(item.dep.handler)
-        unit, blocks = _layout(module_name, torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs), width)
+        positions, roots = _one_copy(graph, module, module_name, consumes, positions, roots, parts)
+        unit, blocks = _layout(module_name, positions, roots, width)
         for local, dim in _module_axes(module, module_name, consumes):
             key = f"{module_name}.{local}" if module_name else local
             axes.setdefault((key, dim), Axis(key, dim, unit, blocks, consumes and not _is_depthwise(module)))
     return WidthGroup(name, width, tuple(axes.values()))
+
+
+def _stacked_parts(root: str, producers: Sequence[str], stacked: Mapping[str, int]) -> int:
+    """How many stacked copies of the group's units the group's root layer outputs (1 without a hint)."""
+    misplaced = [layer for layer in producers if layer in stacked and layer != root]
+    if misplaced:
+        raise DerivationError(
+            f"{misplaced[0]}: a stacked hint names a layer that does not start its group (that is {root})"
+        )
+    return int(stacked.get(root, 1))
+
+
+def _one_copy(
+    graph: tp.DependencyGraph,
+    module: nn.Module,
+    name: str,
+    consumes: bool,
+    positions: Tensor,
+    roots: Tensor,
+    parts: int,
+) -> tuple[Tensor, Tensor]:
+    """A layer's ``(position, unit)`` pairs, each copy of a stacked unit it holds counted once.
+
+    Torch-Pruning carries every stacked part through an attention op as if it
+    were element-wise, so a layer that reads the attention's output (one copy
+    of each unit) is mapped positions beyond its channels; modulo its channels
+    they are the positions of the same units. Without a stacked hint such a
+    mapping is an error: the split would index past the layer's tensors.
+    """
+    pruner = graph.get_pruner_of_module(module)
+    channels = pruner.get_in_channels(module) if consumes else pruner.get_out_channels(module)
+    if channels is None or not len(positions) or int(positions.max()) < channels:
+        return positions, roots
+    if parts == 1:
+        side = "inputs" if consumes else "outputs"
+        raise DerivationError(
+            f"{name}: tracing maps {int(positions.max()) + 1} channels onto its {channels} {side} "
+            "(an attention op over a fused q/k/v projection?); pass stacked={<that projection>: <parts>}"
+        )
+    pairs = torch.stack((positions % channels, roots), dim=1).unique(dim=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 PRUNED_TYPES = {
@@ -214,13 +279,13 @@ def narrow_to(model: nn.Module, groups: Sequence[WidthGroup], widths: Mapping[st
             module_name, _, local = axis.tensor.rpartition(".")
             module = modules[module_name]
             dropped_positions = axis_positions(axis, group.width, dropped)
-            if ops.module2type(module) not in PRUNED_TYPES:  # a bare nn.Parameter of a container module
-                _narrow_parameter(module, local, axis.dim, dropped_positions)
+            pruner = PRUNERS.get(type(module)) or tp_function.PrunerBox.get(ops.module2type(module))
+            if pruner is None or (type(module) not in PRUNERS and ops.module2type(module) not in PRUNED_TYPES):
+                _narrow_parameter(module, local, axis.dim, dropped_positions)  # a bare nn.Parameter of a container
                 continue
             if (module_name, axis.consumes) in done:
                 continue
             done.add((module_name, axis.consumes))
-            pruner = tp_function.PrunerBox[ops.module2type(module)]
             prune = pruner.prune_in_channels if axis.consumes else pruner.prune_out_channels
             prune(module, dropped_positions.tolist())
     return model

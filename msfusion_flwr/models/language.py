@@ -203,6 +203,41 @@ def register_transformers_rules() -> None:
     INPUT_RULES.setdefault(Conv1D, _conv1d_in)
 
 
+def register_conv1d_pruner() -> None:
+    """Teach derivation (Torch-Pruning) ``Conv1D``: imported here, not at module load, because a device
+    that trains a declared model never traces one."""
+    from torch_pruning.pruner.function import BasePruningFunc
+    from transformers.pytorch_utils import Conv1D
+
+    from ..engine.derivation import PRUNERS
+
+    class Conv1DPruner(BasePruningFunc):
+        """Torch-Pruning's pruning functions for ``Conv1D``: outputs are weight columns, inputs its rows."""
+
+        TARGET_MODULES = (Conv1D,)
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            keep = sorted(set(range(layer.nf)) - set(idxs))
+            layer.nf = len(keep)
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            return layer
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            return layer
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.nf
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return layer.weight.shape[0]
+
+    register_transformers_rules()
+    PRUNERS.setdefault(Conv1D, Conv1DPruner())
+
+
 class _ScaleOutput:
     """Forward hook applying a :class:`Scaler` module to a module's output."""
 
