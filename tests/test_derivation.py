@@ -20,6 +20,7 @@ from msfusion_flwr.engine import (
     slice_state,
 )
 from msfusion_flwr.engine.derivation import DerivationError, derive_groups, narrow_to
+from msfusion_flwr.engine.groups import GroupDecl, resolve_groups
 from msfusion_flwr.models import build_model, model_class
 from msfusion_flwr.models.derived import (
     Architecture,
@@ -31,9 +32,7 @@ from msfusion_flwr.models.derived import (
 from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, register_conv1d_pruner
 
 GPT2 = "model.transformer"
-HAND_WRITTEN = {  # model -> (constructor kwargs, example input, device to trace on, units hint, stacked hint)
-    "cnn": ({}, torch.zeros(2, 1, 28, 28), "meta", {}, {}),
-    "preresnet18": ({}, torch.zeros(2, 3, 32, 32), "meta", {}, {}),
+TRACED = {  # declared model -> (constructor kwargs, example input, device to trace on, units hint, stacked hint)
     "transformer": (
         {"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long), "meta",
         {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)}, {},
@@ -52,11 +51,11 @@ def _axis_sets(groups) -> dict[frozenset, int]:
     return {frozenset(group.axes): group.width for group in groups}
 
 
-@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+@pytest.mark.parametrize("name", sorted(TRACED))
 def test_derived_groups_equal_the_hand_written_declarations(name):
-    """Traced (on the meta device where the model allows), every model's groups are its declarations:
-    the same axes, units and widths."""
-    kwargs, example, device, units, stacked = HAND_WRITTEN[name]
+    """Traced (on the meta device where the model allows), the language models' groups are their
+    declarations: the same axes, units and widths."""
+    kwargs, example, device, units, stacked = TRACED[name]
     if name == "gpt2":
         register_conv1d_pruner()
     with torch.device(device):
@@ -66,11 +65,66 @@ def test_derived_groups_equal_the_hand_written_declarations(name):
     assert _axis_sets(derived) == _axis_sets(declared)
 
 
+def _cnn_declarations(model) -> list[GroupDecl]:
+    """FashionCNN's width groups as they were written by hand before derivation replaced them."""
+    return [
+        GroupDecl("conv1", outputs=("conv1.0", "conv1.2"), inputs=("conv2.0",)),
+        GroupDecl("conv2", outputs=("conv2.0", "conv2.2"), inputs=("conv3.0",)),
+        GroupDecl("conv3", outputs=("conv3.0", "conv3.2"), inputs=("fc",)),
+        GroupDecl("fc", outputs=("fc", "fc_norm"), inputs=("head",)),
+    ]
+
+
+def _preresnet_declarations(model) -> list[GroupDecl]:
+    """PreResNet-18's width groups as they were written by hand: one group per residual stream, one per block."""
+    outputs: dict[str, list[str]] = {stage: [] for stage, _, _ in model.STAGES}
+    inputs: dict[str, list[str]] = {stage: [] for stage, _, _ in model.STAGES}
+    inner, stream = [], model.STAGES[0][0]
+    outputs[stream].append("conv1")
+    for stage, _, _ in model.STAGES:
+        for b, block in enumerate(getattr(model, stage)):
+            name, source = f"{stage}.{b}", stream if b == 0 else stage
+            outputs[source].append(f"{name}.n1")
+            inputs[source].append(f"{name}.conv1")
+            if block.shortcut is not None:
+                inputs[source].append(f"{name}.shortcut")
+                outputs[stage].append(f"{name}.shortcut")
+            outputs[stage].append(f"{name}.conv2")
+            inner.append(GroupDecl(name, outputs=(f"{name}.conv1", f"{name}.n2"), inputs=(f"{name}.conv2",)))
+        stream = stage
+    outputs[stream].append("n4")
+    inputs[stream].append("head")
+    return [GroupDecl(s, outputs=tuple(outputs[s]), inputs=tuple(inputs[s])) for s, _, _ in model.STAGES] + inner
+
+
+HAND_WRITTEN = {"cnn": _cnn_declarations, "preresnet18": _preresnet_declarations}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+@pytest.mark.parametrize("kwargs", [{}, {"in_channels": 3, "num_classes": 7}])
+def test_the_image_models_groups_are_their_former_declarations_in_name_and_order(name, kwargs):
+    """FashionCNN and PreResNet-18 no longer declare their groups: at full width and at a random narrow width
+    the derived groups are the hand-written ones, names, planning order and widths included, and every random
+    plan slices every tensor exactly as the declarations did."""
+    narrow = {group: max(1, width * 3 // 8) for group, width in model_class(name).FULL_WIDTHS.items()}
+    for widths in ({}, narrow):
+        model = build_model(name, widths=widths, **kwargs)
+        derived = SplitSpec.from_model(model)
+        declared = SplitSpec(resolve_groups(model, HAND_WRITTEN[name](model)), {k: v.shape for k, v in model.state_dict().items()})
+        assert [(g.name, g.width) for g in derived.groups.values()] == [(g.name, g.width) for g in declared.groups.values()]
+        assert _axis_sets(derived.groups.values()) == _axis_sets(declared.groups.values())
+        for seed in range(3):
+            plan = _random_plan(declared, 0.5, seed)
+            expected = slice_state(model.state_dict(), declared, plan)
+            got = slice_state(model.state_dict(), derived, plan)
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_fused_qkv_projection_without_its_stacked_hint_is_a_one_line_error():
     """Torch-Pruning maps GPT-2's 3d fused q/k/v outputs through attention onto the out-projection's d inputs;
     without the stacked hint that would index past the tensor, so derivation refuses, naming the layer."""
     register_conv1d_pruner()
-    kwargs, example, _, units, _ = HAND_WRITTEN["gpt2"]
+    kwargs, example, _, units, _ = TRACED["gpt2"]
     with pytest.raises(DerivationError, match=rf"^{GPT2}.h.0.attn.c_proj: tracing maps 384 channels onto its 128 inputs"):
         derive_groups(build_model("gpt2", **kwargs), example, units=units)
 

@@ -191,6 +191,36 @@ class DerivedClassifier(nn.Module):
         return self.outputs(x)[0]
 
 
+def traced_width_groups(model: nn.Module, example_shape: tuple[int, ...], **arguments: Any) -> list[WidthGroup]:
+    """The width groups of a model that names them instead of declaring them.
+
+    Derived from the graph of ``type(model)`` built at full width with
+    ``arguments`` on the meta device and traced on a zero input of
+    ``example_shape`` (once per class, arguments and shape), renamed by the
+    class's ``GROUP_NAMES`` (the group's first producing layer -> its name, in
+    the order the groups are planned) and sized at ``model.widths``.
+    """
+    groups = _traced_named_groups(type(model), tuple(example_shape), tuple(sorted(arguments.items())))
+    return [replace(group, width=model.widths[group.name]) for group in groups]
+
+
+@functools.cache
+def _traced_named_groups(
+    model_class: type[nn.Module], example_shape: tuple[int, ...], arguments: tuple[tuple[str, Any], ...]
+) -> tuple[WidthGroup, ...]:
+    from ..engine.derivation import DerivationError, derive_groups
+
+    with torch.device("meta"):
+        traced = model_class(**dict(arguments))
+    derived = {group.name: group for group in derive_groups(traced, torch.zeros(example_shape, device="meta"))}
+    names: Mapping[str, str] = model_class.GROUP_NAMES  # type: ignore[attr-defined]
+    if set(derived) != set(names):
+        raise DerivationError(
+            f"{model_class.__name__}: derivation found groups started by {sorted(derived)}, GROUP_NAMES names {sorted(names)}"
+        )
+    return tuple(replace(derived[layer], name=name) for layer, name in names.items())
+
+
 def _prefixed(group: WidthGroup, prefix: str, width: int) -> WidthGroup:
     return WidthGroup(group.name, width, tuple(replace(a, tensor=prefix + a.tensor) for a in group.axes))
 

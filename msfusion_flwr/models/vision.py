@@ -8,10 +8,13 @@ Every model here
 * exposes ``features(x)`` (the representation used by the contrastive loss)
   and ``outputs(x) -> (logits, features)`` (one pass for training);
   ``forward(x)`` returns the logits;
-* declares its width groups in ``width_group_decls()``, names the group that
-  indexes its representation in ``feature_group`` (``feature_unit`` channels
-  per group unit) and its kind of input in ``input_kind`` (``"image"`` or
-  ``"text"``); ``eval_batch_size`` is its server-side evaluation batch.
+* gets its width groups from its own graph (Torch-Pruning's DependencyGraph,
+  :func:`~msfusion_flwr.models.derived.traced_width_groups`) and names them in
+  ``GROUP_NAMES`` (the names committed runs and checkpoints use); names the
+  group that indexes its representation in ``feature_group``
+  (``feature_unit`` channels per group unit) and its kind of input in
+  ``input_kind`` (``"image"`` or ``"text"``); ``eval_batch_size`` is its
+  server-side evaluation batch.
 
 The language models live in :mod:`msfusion_flwr.models.language`; the registry
 that run configs name models by, in :mod:`msfusion_flwr.models.registry`.
@@ -25,10 +28,13 @@ the rate during training (HeteroFL), also on the classifier's input.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import product
+from typing import ClassVar
 
 from torch import Tensor, nn
 
-from ..engine.groups import GroupDecl
+from ..engine.groups import WidthGroup
+from .derived import traced_width_groups
 from .layers import Scaler, classifier_scaler
 
 
@@ -71,6 +77,7 @@ class FashionCNN(ImageClassifier):
     """
 
     FULL_WIDTHS = {"conv1": 64, "conv2": 128, "conv3": 256, "fc": 512}
+    GROUP_NAMES: ClassVar[Mapping[str, str]] = {"conv1.0": "conv1", "conv2.0": "conv2", "conv3.0": "conv3", "fc": "fc"}
     feature_group = "fc"
 
     def __init__(
@@ -83,6 +90,7 @@ class FashionCNN(ImageClassifier):
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
+        self.widths, self.in_channels, self.num_classes = w, in_channels, num_classes
         self.conv1 = nn.Sequential(*_conv_block(in_channels, w["conv1"], rate, stride=2))
         self.conv2 = nn.Sequential(*_conv_block(w["conv1"], w["conv2"], rate), nn.MaxPool2d(2))
         self.conv3 = nn.Sequential(*_conv_block(w["conv2"], w["conv3"], rate), nn.AdaptiveAvgPool2d(1))
@@ -92,13 +100,9 @@ class FashionCNN(ImageClassifier):
         self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.head = nn.Linear(w["fc"], num_classes)
 
-    def width_group_decls(self) -> list[GroupDecl]:
-        return [
-            GroupDecl("conv1", outputs=("conv1.0", "conv1.2"), inputs=("conv2.0",)),
-            GroupDecl("conv2", outputs=("conv2.0", "conv2.2"), inputs=("conv3.0",)),
-            GroupDecl("conv3", outputs=("conv3.0", "conv3.2"), inputs=("fc",)),
-            GroupDecl("fc", outputs=("fc", "fc_norm"), inputs=("head",)),
-        ]
+    def width_groups(self) -> list[WidthGroup]:
+        shape = (2, self.in_channels, 28, 28)
+        return traced_width_groups(self, shape, in_channels=self.in_channels, num_classes=self.num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         x = self.conv3(self.conv2(self.conv1(x))).flatten(1)
@@ -140,7 +144,7 @@ class PreResNet18(ImageClassifier):
     128, 256, 512; strides 1, 2, 2, 2) -> BN -> ReLU -> global average pool ->
     linear classifier.
 
-    Width groups follow the residual structure: stage ``layerS``'s residual
+    Width groups (derived from the graph) follow the residual structure: stage ``layerS``'s residual
     stream is one group ``layerS`` (the stem output for ``layer1``; the first
     block's shortcut projection for the others; every block's ``conv2``
     output, and every norm, conv and shortcut reading the stream), so every
@@ -158,6 +162,10 @@ class PreResNet18(ImageClassifier):
         "layer1.0": 64, "layer1.1": 64, "layer2.0": 128, "layer2.1": 128,  # block inner channels
         "layer3.0": 256, "layer3.1": 256, "layer4.0": 512, "layer4.1": 512,
     }  # fmt: skip
+    GROUP_NAMES: ClassVar[Mapping[str, str]] = {
+        "conv1": "layer1", **{f"{stage}.0.conv2": stage for stage, _, _ in STAGES[1:]},  # streams, by first producer
+        **{f"{stage}.{b}.conv1": f"{stage}.{b}" for stage, b in product((s for s, _, _ in STAGES), range(BLOCKS_PER_STAGE))},
+    }  # fmt: skip
     feature_group = "layer4"
 
     def __init__(
@@ -170,6 +178,7 @@ class PreResNet18(ImageClassifier):
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
+        self.widths, self.in_channels, self.num_classes = w, in_channels, num_classes
         first = self.STAGES[0][0]
         self.conv1 = nn.Conv2d(in_channels, w[first], 3, stride=1, padding=1, bias=False)
         stream = first
@@ -185,29 +194,9 @@ class PreResNet18(ImageClassifier):
         self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.head = nn.Linear(w[stream], num_classes)
 
-    def width_group_decls(self) -> list[GroupDecl]:
-        outputs: dict[str, list[str]] = {stage: [] for stage, _, _ in self.STAGES}
-        inputs: dict[str, list[str]] = {stage: [] for stage, _, _ in self.STAGES}
-        inner = []
-        stream = self.STAGES[0][0]
-        outputs[stream].append("conv1")
-        for stage, _, _ in self.STAGES:
-            for b, block in enumerate(getattr(self, stage)):
-                name, source = f"{stage}.{b}", stream if b == 0 else stage
-                outputs[source].append(f"{name}.n1")
-                inputs[source].append(f"{name}.conv1")
-                if block.shortcut is not None:
-                    inputs[source].append(f"{name}.shortcut")
-                    outputs[stage].append(f"{name}.shortcut")
-                elif source != stage:
-                    raise ValueError(f"{name} adds stream {source} to stream {stage} without a projection")
-                outputs[stage].append(f"{name}.conv2")
-                inner.append(GroupDecl(name, outputs=(f"{name}.conv1", f"{name}.n2"), inputs=(f"{name}.conv2",)))
-            stream = stage
-        outputs[stream].append("n4")
-        inputs[stream].append("head")
-        streams = [GroupDecl(s, outputs=tuple(outputs[s]), inputs=tuple(inputs[s])) for s, _, _ in self.STAGES]
-        return streams + inner
+    def width_groups(self) -> list[WidthGroup]:
+        shape = (2, self.in_channels, 32, 32)
+        return traced_width_groups(self, shape, in_channels=self.in_channels, num_classes=self.num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         out = self.conv1(x)
