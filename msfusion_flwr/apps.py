@@ -79,6 +79,15 @@ def make_client_app() -> ClientApp:
     return app
 
 
+def check_node_count(run: RunConfig, num_supernodes: int) -> None:
+    """Refuse, before anything starts, a run that waits for more nodes than the federation has."""
+    if run.federation.min_available_nodes > num_supernodes:
+        raise ConfigError(
+            f"config key 'min-available-nodes' is {run.federation.min_available_nodes} but the simulation has "
+            f"{num_supernodes} SuperNodes: lower min-available-nodes or raise num_supernodes (--num-supernodes)"
+        )
+
+
 def run_experiment(
     config: Mapping[str, Any] | None = None,
     num_supernodes: int = 10,
@@ -95,11 +104,7 @@ def run_experiment(
     from flwr.simulation import run_simulation
 
     run = server_config({}, config)
-    if run.federation.min_available_nodes > num_supernodes:
-        raise ConfigError(
-            f"config key 'min-available-nodes' is {run.federation.min_available_nodes} but the simulation has "
-            f"{num_supernodes} SuperNodes: lower min-available-nodes or raise num_supernodes (--num-supernodes)"
-        )
+    check_node_count(run, num_supernodes)
     run = run.with_outputs(output_dir=str(Path(run.outputs.output_dir).resolve()))
     run_simulation(
         server_app=make_server_app(run.to_dict()),

@@ -326,6 +326,7 @@ KEYS: dict[str, Key] = {
     "dirichlet-alpha": _key("data", "dirichlet_alpha", _number(0.0, INF, True, True)),
     "classes-per-partition": _key("data", "classes_per_partition", _integer(1)),
     "data-fraction": _key("data", "data_fraction", _number(0.0, 1.0, True, False)),
+    "test-examples": _key("data", "test_examples", _integer(0)),
     "server-data-fraction": _key("data", "server_fraction", _number(0.0, 1.0, False, True)),
     "seed": Key((("federation", "seed"), ("data", "seed")), _integer(0)),
     "dropout-rate": _key("faults", "dropout_rate", _number(0.0, 1.0, False, True)),

@@ -104,7 +104,10 @@ def model_digest(path: Path) -> str:
 
 
 class InProcessGrid:
-    """A Grid stand-in: every message goes to its node's ClientApp, in node order, in this process."""
+    """A Grid stand-in: every message goes to its node's ClientApp, in node order, in this process.
+
+    The same as ``msfusion_flwr.experiments.loopback.InProcessGrid``, kept here because this script runs
+    revisions older than that class (it imports ``msfusion_flwr`` from the revision under test)."""
 
     def __init__(self, client_app: Any, num_nodes: int) -> None:
         from flwr.app import Context, RecordDict

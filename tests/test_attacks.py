@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import FaultSettings
 from msfusion_flwr.device.faults import attack_update, is_attacker
+from msfusion_flwr.experiments.loopback import run_in_process
 from msfusion_flwr.server.reporting import read_metrics
 
 
@@ -60,17 +60,17 @@ def test_random_updates_have_the_honest_scale_times_s_and_are_seeded():
 
 
 def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp_path):
-    """MSfusion, 5 participants, 1 sending its update scaled by 1e4: the plain mean's loss explodes and its
+    """MSfusion, 5 participants (the app's ServerApp and ClientApp, in process), 1 sending its update scaled by 1e4: the plain mean's loss explodes and its
     accuracy stays near chance; with clip-updates = 1 the run learns as the clean runs of this size do."""
     base = {
-        "num-server-rounds": 2, "data-fraction": 0.04, "partitioner": "iid", "seed": 3, "eval-every": 100,
+        "num-server-rounds": 2, "data-fraction": 0.04, "test-examples": 1000, "partitioner": "iid", "seed": 3, "eval-every": 100,
         "min-available-nodes": 5, "contrastive-weight": 0.0, "attack": "scale", "attack-fraction": 0.2,
         "attack-scale": 1e4,
     }  # fmt: skip
     attacker = [p for p in range(5) if is_attacker(FaultSettings(attack="scale", attack_fraction=0.2), 3, p, 5)]
     results = {}
     for name, rule in (("plain", {}), ("robust", {"clip-updates": 1.0})):
-        out = run_experiment({**base, **rule, "output-dir": str(tmp_path / name)}, num_supernodes=5)
+        out = run_in_process({**base, **rule, "output-dir": str(tmp_path / name)}, num_supernodes=5)
         rows = read_metrics(out)
         assert all(r["participants"] == list(range(5)) for r in rows[1:])  # the attacker's replies pass the checks
         assert attacker and attacker[0] in rows[1]["participants"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = {
     "method": "msfusion",
     "num-server-rounds": 3,
-    "data-fraction": 0.03,
+    "data-fraction": 0.03, "test-examples": 1000,
     "partitioner": "iid",
     "eval-every": 1,
     "seed": 3,

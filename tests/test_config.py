@@ -50,6 +50,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "dirichlet-alpha": [0, 0.0, -0.5, INF, NAN, True, "0.5"],
     "classes-per-partition": [0, -1, 11, 100, 2.0, True, "2"],
     "data-fraction": [0, 0.0, -0.5, 1.5, NAN, True, "1.0"],
+    "test-examples": [-1, 1.5, "10", True, None],
     "server-data-fraction": [1.0, 1, -0.1, 1.5, NAN, INF, True, False, "0.1", None],
     "seed": [-1, 0.5, 1.0, True, False, "0", None],
     "dropout-rate": [-0.1, 1.0, 1, NAN, True, "0.2", None],

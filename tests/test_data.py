@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from msfusion_flwr.data import DataSettings, DataUnavailableError, load_partition, partition_indices
+from msfusion_flwr.data import DataSettings, DataUnavailableError, load_partition, load_test_set, partition_indices
+from msfusion_flwr.data.cache import cache_key
 from msfusion_flwr.data import fashion_mnist as data_mod
 from msfusion_flwr.data.fashion_mnist import load_fashion_mnist, locate_fashion_mnist, normalize_images
 
@@ -207,6 +208,18 @@ def test_load_partition_returns_its_examples(fm_dir):
         assert x.dtype == torch.float32
     with pytest.raises(ValueError):
         load_partition(s, 3, 3)
+
+
+def test_test_examples_keeps_the_test_sets_first_examples(fm_dir):
+    """test-examples = N evaluates on the first N test examples; 0 (and N beyond the set) keeps all; the
+    partitions, and their cache key, do not depend on it."""
+    full = load_test_set(DataSettings(data_dir=fm_dir))
+    part = load_test_set(DataSettings(data_dir=fm_dir, test_examples=7))
+    assert len(full) == 20 and len(part) == 7
+    assert all(torch.equal(a, b[:7]) for a, b in zip(part.tensors, full.tensors, strict=True))
+    assert len(load_test_set(DataSettings(data_dir=fm_dir, test_examples=50))) == 20
+    same = [DataSettings(data_dir=fm_dir, partitioner="iid", test_examples=n) for n in (0, 7)]
+    assert cache_key(same[0], 3, "f") == cache_key(same[1], 3, "f")
 
 
 def test_normalize_images_standardises():

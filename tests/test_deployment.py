@@ -36,7 +36,7 @@ import msfusion_flwr.deployment as dl  # noqa: E402
 def _quick(output_dir: Path, rounds: int, nodes: int) -> dict[str, object]:
     return {
         "num-server-rounds": rounds,
-        "data-fraction": 0.02,
+        "data-fraction": 0.02, "test-examples": 1000,
         "min-available-nodes": nodes,
         "eval-every": 100,  # evaluate at round 0 and at the end only
         "output-dir": str(output_dir),

@@ -81,7 +81,7 @@ def test_an_impossible_partitioning_stops_the_run_at_start_and_writes_nothing(tm
     """30 images for 4 Dirichlet partitions (flwr-datasets wants 10 each): refused before round 1, nothing written."""
     out = tmp_path / "run"
     with pytest.raises(PartitionError, match="cannot make 4 'dirichlet' partitions"):
-        run_experiment({"data-fraction": 0.0005, "min-available-nodes": 4, "output-dir": str(out)}, num_supernodes=4)
+        run_experiment({"data-fraction": 0.0005, "test-examples": 1000, "min-available-nodes": 4, "output-dir": str(out)}, num_supernodes=4)
     assert not out.exists()  # checked before anything is written
 
 
@@ -99,7 +99,7 @@ def broken_device_app() -> ClientApp:
 
 def test_a_run_where_every_participant_fails_stops_after_max_failed_rounds_with_the_reason(tmp_path):
     out = tmp_path / "run"
-    config = {"num-server-rounds": 20, "max-failed-rounds": 2, "data-fraction": 0.05, "min-available-nodes": 3, "eval-every": 100,
+    config = {"num-server-rounds": 20, "max-failed-rounds": 2, "data-fraction": 0.05, "test-examples": 1000, "min-available-nodes": 3, "eval-every": 100,
               "output-dir": str(out)}  # fmt: skip
     with pytest.raises(RunAborted) as info:
         run_experiment(config, num_supernodes=3, client_app=broken_device_app())

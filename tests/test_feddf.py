@@ -259,7 +259,7 @@ def test_feddf_trains_through_the_simulation_engine(tmp_path):
             **FEDDF,
             "distill-steps": 5,
             "num-server-rounds": 2,
-            "data-fraction": 0.05,
+            "data-fraction": 0.05, "test-examples": 1000,
             "partitioner": "iid",
             "budgets": "0.25,0.5",
             "min-available-nodes": 3,

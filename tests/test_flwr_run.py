@@ -147,7 +147,7 @@ def test_flwr_run_trains_and_writes_outputs(flwr: Flwr) -> None:
     log, run_info = flwr.run(
         {
             "num-server-rounds": 2,
-            "data-fraction": 0.05,
+            "data-fraction": 0.05, "test-examples": 1000,
             "min-available-nodes": 4,
             "output-dir": str(output_dir),
         },
@@ -191,7 +191,7 @@ def test_flwr_run_with_too_few_nodes_ends_at_the_deadline_with_the_ways_out(flwr
 def test_flwr_run_refuses_partitions_that_cannot_be_made_at_start(flwr: Flwr) -> None:
     """30 training images for 4 Dirichlet partitions: one line at start naming what to change, no round trained."""
     output_dir = flwr.tmp / "outputs" / "tiny"
-    log, run_info = flwr.run({"data-fraction": 0.0005, "min-available-nodes": 4, "output-dir": str(output_dir)}, "tiny")
+    log, run_info = flwr.run({"data-fraction": 0.0005, "test-examples": 1000, "min-available-nodes": 4, "output-dir": str(output_dir)}, "tiny")
     assert run_info["status"] == "finished:failed", log
     assert "invalid run config: cannot make 4 'dirichlet' partitions of fashion-mnist (data-fraction 0.0005" in log
     assert "[ROUND 1" not in log

@@ -18,7 +18,7 @@ def test_method_trains_through_the_simulation_engine(method, tmp_path):
         {
             "method": method,
             "num-server-rounds": 2,
-            "data-fraction": 0.05,
+            "data-fraction": 0.05, "test-examples": 1000,
             "partitioner": "iid",
             "budgets": "0.25,0.5",
             "eval-every": 100,  # round 0 and the last round

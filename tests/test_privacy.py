@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import ConfigError, PrivacySettings, RunConfig, resolve_config
 from msfusion_flwr.device.privacy import clip_update
 from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate
 from msfusion_flwr.engine.robust import AggregationRule
+from msfusion_flwr.experiments.loopback import run_in_process
 from msfusion_flwr.models import build_model
 from msfusion_flwr.server.methods import make_strategy
 from msfusion_flwr.server.privacy import epsilon
@@ -117,12 +117,12 @@ def test_noise_needs_the_aggregation_its_analysis_assumes():
 
 
 def test_a_private_run_reports_the_accountants_epsilon_every_round(tmp_path):
-    """Through Flower: 3 participants, 2 rounds, clip 1, noise 2: the model stays finite and metrics.jsonl has
+    """Through the app's ServerApp and ClientApp (in process): 3 participants, 2 rounds, clip 1, noise 2: the model stays finite and metrics.jsonl has
     epsilon(2, t, 3, 3, 1e-5) after round t."""
     config = {
-        "num-server-rounds": 2, "data-fraction": 0.03, "partitioner": "iid", "eval-every": 100, "min-available-nodes": 3,
+        "num-server-rounds": 2, "data-fraction": 0.03, "test-examples": 1000, "partitioner": "iid", "eval-every": 100, "min-available-nodes": 3,
         "dp-clip": 1.0, "dp-noise-multiplier": 2.0, "aggregation-weights": "equal", "output-dir": str(tmp_path / "run"),
     }  # fmt: skip
-    rows = read_metrics(run_experiment(config, num_supernodes=3))
+    rows = read_metrics(run_in_process(config, num_supernodes=3))
     assert [r["dp_epsilon"] for r in rows] == pytest.approx([epsilon(2.0, t, 3, 3, 1e-5) for t in range(3)])
     assert rows[-1]["participants"] == [0, 1, 2] and math.isfinite(rows[-1]["loss"])

@@ -18,7 +18,7 @@ from msfusion_flwr.protocol import ARRAYS, METRICS
 from msfusion_flwr.server.methods import make_strategy
 from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
-QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "partitioner": "iid", "eval-every": 100, "seed": 3}
+QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "test-examples": 1000, "partitioner": "iid", "eval-every": 100, "seed": 3}
 
 
 def tamper(reply: Message, partition_id: int) -> Message:
@@ -108,7 +108,7 @@ def test_dropouts_and_stragglers_are_left_out_and_named_and_the_run_goes_on(tmp_
     seed, dropout, straggler = 4, 0.3, 0.2
     out = run_experiment(
         {**QUICK, "seed": seed, "num-server-rounds": 2, "min-available-nodes": 5, "dropout-rate": dropout,
-         "straggler-rate": straggler, "round-timeout": 20.0, "data-fraction": 0.02, "output-dir": str(tmp_path / "run")},
+         "straggler-rate": straggler, "round-timeout": 20.0, "data-fraction": 0.02, "test-examples": 1000, "output-dir": str(tmp_path / "run")},
         num_supernodes=5,
     )
     rows = read_metrics(out)

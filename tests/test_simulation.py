@@ -13,7 +13,7 @@ from msfusion_flwr.protocol import array_bytes
 from msfusion_flwr.server.reporting import CONFIG_FILE, CURVES_FILE, MODEL_FILE, read_metrics
 
 QUICK = {
-    "data-fraction": 0.1,
+    "data-fraction": 0.1, "test-examples": 1000,
     "min-available-nodes": 4,
     "partitioner": "iid",
     "local-epochs": 1,
@@ -62,7 +62,7 @@ def test_msfusion_at_full_width_without_contrastive_matches_flower_fedavg(tmp_pa
     common = {
         **QUICK,
         "num-server-rounds": 3,
-        "data-fraction": 0.05,
+        "data-fraction": 0.05, "test-examples": 1000,
         "eval-every": 100,
         "seed": 7,
         "contrastive-weight": 0.0,

@@ -124,8 +124,11 @@ def load_partition(settings: DataSettings, partition_id: int, num_partitions: in
 
 
 def load_test_set(settings: DataSettings) -> TensorDataset:
-    """The held-out test set the server evaluates the global model on."""
-    return source(settings).test_set(settings)
+    """The held-out test set the server evaluates the global model on (its first ``test_examples``, if set)."""
+    test_set = source(settings).test_set(settings)
+    if settings.test_examples:
+        return TensorDataset(*test_set[: settings.test_examples])
+    return test_set
 
 
 def load_server_set(settings: DataSettings) -> TensorDataset:

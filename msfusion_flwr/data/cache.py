@@ -37,11 +37,15 @@ def cache_dir() -> Path | None:
     return Path(root).expanduser() / "partitions" if root else Path.home() / ".cache" / "msfusion-flwr" / "partitions"
 
 
+NOT_PARTITIONING = ("test_examples",)
+"""Data settings that do not change the partitions (the server's test set): not in the key."""
+
+
 def cache_key(settings: DataSettings, num_partitions: int, fingerprint: object) -> str:
     """A hex digest of everything that determines the partitions."""
     material = {
         "version": FORMAT_VERSION,
-        "settings": dataclasses.asdict(settings),
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in NOT_PARTITIONING},
         "num_partitions": num_partitions,
         "fingerprint": fingerprint,
         "libraries": {name: _version(name) for name in ("flwr-datasets", "numpy")},  # the partitioners' code

@@ -33,6 +33,8 @@ class DataSettings:
     dirichlet_alpha: float = 0.5
     classes_per_partition: int = 2
     data_fraction: float = 1.0
+    test_examples: int = 0
+    """The server evaluates on the test set's first ``test_examples`` examples; 0: all of them."""
     seed: int = 0
     server_fraction: float = 0.0
     seq_len: int = 64

@@ -191,14 +191,21 @@ class DerivedClassifier(nn.Module):
         return self.outputs(x)[0]
 
 
+TRACE_WIDTH = 2
+"""Units per group of the copy :func:`traced_width_groups` traces: the groups' structure does not depend on
+their widths, and 2 units (not 1) tell a unit's span from stacked copies along an axis."""
+
+
 def traced_width_groups(model: nn.Module, example_shape: tuple[int, ...], **arguments: Any) -> list[WidthGroup]:
     """The width groups of a model that names them instead of declaring them.
 
-    Derived from the graph of ``type(model)`` built at full width with
-    ``arguments`` on the meta device and traced on a zero input of
-    ``example_shape`` (once per class, arguments and shape), renamed by the
-    class's ``GROUP_NAMES`` (the group's first producing layer -> its name, in
-    the order the groups are planned) and sized at ``model.widths``.
+    Derived from the graph of a copy of ``type(model)`` built with
+    ``arguments`` and :data:`TRACE_WIDTH` units in every group, traced on a zero
+    input of ``example_shape`` on the CPU (once per class, arguments and shape:
+    the copy is a few kilobytes, and the CPU spares the second of lazy imports
+    a first forward pass on the meta device costs a fresh device process), then
+    renamed by the class's ``GROUP_NAMES`` (the group's first producing layer ->
+    its name, in the order the groups are planned) and sized at ``model.widths``.
     """
     groups = _traced_named_groups(type(model), tuple(example_shape), tuple(sorted(arguments.items())))
     return [replace(group, width=model.widths[group.name]) for group in groups]
@@ -210,9 +217,9 @@ def _traced_named_groups(
 ) -> tuple[WidthGroup, ...]:
     from ..engine.derivation import DerivationError, derive_groups
 
-    with torch.device("meta"):
-        traced = model_class(**dict(arguments))
-    derived = {group.name: group for group in derive_groups(traced, torch.zeros(example_shape, device="meta"))}
+    full_widths: Mapping[str, int] = model_class.FULL_WIDTHS  # type: ignore[attr-defined]
+    traced = model_class(widths={group: TRACE_WIDTH for group in full_widths}, **dict(arguments))
+    derived = {group.name: group for group in derive_groups(traced, torch.zeros(example_shape))}
     names: Mapping[str, str] = model_class.GROUP_NAMES  # type: ignore[attr-defined]
     if set(derived) != set(names):
         raise DerivationError(
