@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from msfusion_flwr.config import ConfigError, RunConfig
+from msfusion_flwr.device.losses import representation
 from msfusion_flwr.engine import (
     SplitSpec,
     SubmodelUpdate,
@@ -186,15 +187,36 @@ def _small_vit_config(folder: Path) -> Path:
 
 
 HF_VIT = "hf:<small ViT config folder>"
+DENSE = "a user's DenseNet-like module"
 
 
-@pytest.fixture(scope="module", params=[*TORCHVISION, ENCODER, HF_VIT])
+class _DenseLike(nn.Module):
+    """Dense connections: a norm and a conv read the concatenation of the stem's and a conv's channels, and
+    the classifier reads that concatenation with a third conv's channels appended."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.norm, self.b = nn.BatchNorm2d(14), nn.Conv2d(14, 10, 3, padding=1)
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        y = torch.relu(self.norm(torch.cat([stem, self.a(torch.relu(stem))], dim=1)))
+        return self.head(torch.cat([y, self.b(y)], dim=1).mean((2, 3)))
+
+
+@pytest.fixture(scope="module", params=[*TORCHVISION, ENCODER, HF_VIT, DENSE])
 def derived(request, tmp_path_factory):
     """torchvision's ResNet-18 and MobileNetV2 on grayscale 28x28 images; a small BERT sequence classifier
     built from its config and a small ViT named by its config folder (heads as units, by the hint their
-    attention modules give; the ViT's class token and position embeddings are bare parameters)."""
+    attention modules give; the ViT's class token and position embeddings are bare parameters); a user's
+    module with concatenations."""
     torch.manual_seed(0)
-    if request.param == ENCODER:
+    if request.param == DENSE:
+        architecture = Architecture("dense-like", _DenseLike, example_size=(8, 8))
+        case = Case(derived_model_class(architecture), {"num_classes": 3}, lambda n: torch.randn(n, 3, 8, 8))
+    elif request.param == ENCODER:
         case = Case(_small_bert(), {"num_classes": 3}, lambda n: torch.randint(0, 100, (n, 8)))
     elif request.param == HF_VIT:
         folder = _small_vit_config(tmp_path_factory.mktemp("vit"))
@@ -218,7 +240,27 @@ def test_a_quarter_slice_of_a_derived_model_loads_and_runs(derived):
     assert sum(p.numel() for p in parameters.values()) == sum(sub[k].numel() for k in parameters)
     logits, features = narrow.outputs(case.batch(3))
     assert logits.shape == (3, case.kwargs["num_classes"])
-    assert features.shape == (3, len(plan[narrow.feature_group]) * narrow.feature_unit)
+    assert features.shape == (3, len(representation(narrow, plan, spec.widths).feature_index))
+
+
+def test_concatenated_groups_follow_each_other_along_the_layers_that_read_them():
+    """The DenseNet-like module: three groups (the stem's 8, a's 6, b's 10 channels); the norm reads parts
+    0 and 1, the classifier parts 0, 1 and 2; a plan's positions along the classifier's inputs are each
+    group's units after the full extent of the parts before it, and the representation is indexed the same way."""
+    cls = derived_model_class(Architecture("dense-like", _DenseLike, example_size=(8, 8)))
+    groups = {g.name: g for g in cls.GROUPS}
+    assert {name: g.width for name, g in groups.items()} == {"stem": 8, "a": 6, "b": 10}
+    parts = {name: {a.tensor: a.part for a in g.axes if a.tensor in ("norm.weight", "head.weight")} for name, g in groups.items()}
+    assert parts == {"stem": {"norm.weight": 0, "head.weight": 0}, "a": {"norm.weight": 1, "head.weight": 1}, "b": {"head.weight": 2}}
+    model = cls(num_classes=3)
+    spec = SplitSpec.from_model(model)
+    plan = {"stem": torch.tensor([1, 5]), "a": torch.tensor([0, 3]), "b": torch.tensor([2, 9])}
+    head = dict(spec.positions(plan)["net.head.weight"])[1]
+    assert head.tolist() == [1, 5, 8 + 0, 8 + 3, 14 + 2, 14 + 9]
+    assert representation(model, plan, spec.widths).feature_index.tolist() == head.tolist()
+    narrow = cls(plan_widths(plan), num_classes=3)
+    narrow.load_state_dict(slice_state(model.state_dict(), spec, plan))
+    assert narrow.net.norm.num_features == 4 and narrow.net.head.in_features == 6
 
 
 def test_a_transformers_vit_splits_heads_and_its_bare_parameters(tmp_path):
@@ -308,17 +350,6 @@ def test_a_partial_update_touches_exactly_its_slice(derived):
         assert torch.equal(changed, held), key
 
 
-class _Concat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
-        self.c = nn.Conv2d(8, 4, 3)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.c(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3)))
-
-
 class _Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -330,7 +361,7 @@ class _Grouped(nn.Module):
         return self.head(self.grouped(self.a(x)).mean((2, 3)))
 
 
-@pytest.mark.parametrize(("model", "names"), [(_Concat, "c"), (_Grouped, "grouped")])
+@pytest.mark.parametrize(("model", "names"), [(_Grouped, "grouped")])
 def test_what_derivation_cannot_split_is_a_one_line_error_naming_the_module(model, names):
     with pytest.raises(DerivationError, match=rf"^{names}: .*by hand") as error:
         derive_groups(model(), torch.zeros(2, 3, 8, 8))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.groups import Axis, axis_positions
+from ..engine.groups import Axis, WidthGroup, dim_positions
 
 
 @dataclass
@@ -37,11 +37,19 @@ class Representation:
 
 
 def representation(model: nn.Module, plan: Mapping[str, Tensor], widths: Mapping[str, int]) -> Representation:
-    """``model``'s features placed in the global feature space: its feature group's units
-    times ``feature_unit`` channels each (e.g. GPT-2's residual width counts heads)."""
+    """``model``'s features placed in the global feature space (the full model's representation channels)."""
+    claims = feature_claims(model, widths)
+    return Representation(model, dim_positions(claims, plan), sum(g.width * a.unit for g, a in claims))
+
+
+def feature_claims(model: nn.Module, widths: Mapping[str, int]) -> list[tuple[WidthGroup, Axis]]:
+    """The groups (at ``widths``) whose units index ``model``'s representation, in order along it: the model's
+    own ``feature_claims`` (a derived model whose head reads a concatenation), else its feature group with
+    ``feature_unit`` channels per unit (e.g. GPT-2's residual width counts heads)."""
+    if hasattr(model, "feature_claims"):
+        return model.feature_claims(widths)  # type: ignore[no-any-return,operator]
     group, unit = model.feature_group, model.feature_unit  # type: ignore[attr-defined]
-    index = axis_positions(Axis("features", 1, unit), widths[group], plan[group])
-    return Representation(model, index, widths[group] * unit)
+    return [(WidthGroup(group, widths[group], ()), Axis("features", 1, unit))]
 
 
 def embed_features(z: Tensor, feature_index: Tensor, width: int) -> Tensor:

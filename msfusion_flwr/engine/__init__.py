@@ -7,7 +7,18 @@
 """
 
 from .fusion import SubmodelUpdate, aggregate
-from .groups import INPUT_RULES, OUTPUT_RULES, Axis, GroupDecl, IndexPlan, SplitSpec, WidthGroup, axis_positions, resolve_groups
+from .groups import (
+    INPUT_RULES,
+    OUTPUT_RULES,
+    Axis,
+    GroupDecl,
+    IndexPlan,
+    SplitSpec,
+    WidthGroup,
+    axis_positions,
+    dim_positions,
+    resolve_groups,
+)
 from .policies import (
     Assignment,
     BlockShift,
@@ -26,6 +37,6 @@ from .slicing import flat_positions, plan_widths, slice_state
 __all__ = [
     "INPUT_RULES", "OUTPUT_RULES", "Assignment", "Axis", "BlockShift", "DoubleShift", "FullWidth", "GroupDecl", "IndexPlan",
     "IndexPolicy", "OrderedDropout", "PlanRequest", "RandomSubset", "RollingWindow", "SplitSpec", "StaticPrefix",
-    "SubmodelUpdate", "WidthGroup", "aggregate", "axis_positions", "flat_positions", "plan_widths", "resolve_groups",
+    "SubmodelUpdate", "WidthGroup", "aggregate", "axis_positions", "dim_positions", "flat_positions", "plan_widths", "resolve_groups",
     "slice_state", "window_length",
 ]  # fmt: skip

@@ -10,7 +10,9 @@ the same per-module-type axis rules hand-written declarations use
 (:data:`~.groups.OUTPUT_RULES`, :data:`~.groups.INPUT_RULES`); how many
 positions one unit covers along each axis (a flatten of a 2x2 map: 4) is read
 off Torch-Pruning's index mapping. Bare ``nn.Parameter``s coupled to a group
-(a class token, position embeddings, a layer scale) are axes of it too. The
+(a class token, position embeddings, a layer scale) are axes of it too. A
+layer that reads a concatenation holds an axis of each group concatenated,
+ranked by where the group's channels start along it (``Axis.part``). The
 channels that reach the model's output (the classes) and the model's input
 channels are never split.
 
@@ -34,6 +36,7 @@ hand (``width_group_decls()``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,6 +49,7 @@ from .groups import (
     INPUT_RULES,
     OUTPUT_RULES,
     Axis,
+    SplitSpec,
     WidthGroup,
     _rule_for,
     axis_positions,
@@ -64,7 +68,9 @@ class DerivationError(ValueError):
 
 
 def _layout(name: str, positions: Tensor, roots: Tensor, width: int) -> tuple[int, int]:
-    """``(unit, blocks)`` of an :class:`Axis` whose unit ``r`` covers ``positions[roots == r]``."""
+    """``(unit, blocks)`` of an :class:`Axis` whose unit ``r`` covers ``positions[roots == r]`` (counted from
+    the first of them: a concatenation puts a group's channels after other groups')."""
+    positions = positions - positions.min()
     if len(positions) % width or torch.bincount(roots, minlength=width).unique().numel() != 1:
         raise DerivationError(f"{name}: its channels are not an equal number per unit of the group it is coupled to")
     per_unit = len(positions) // width
@@ -79,7 +85,7 @@ def _layout(name: str, positions: Tensor, roots: Tensor, width: int) -> tuple[in
             return unit, blocks
     raise DerivationError(
         f"{name}: the units of its group sit at positions no (unit, blocks) layout describes "
-        "(a concatenation or split?); declare this model's width groups by hand (width_group_decls)"
+        "(a split?); declare this model's width groups by hand (width_group_decls)"
     )
 
 
@@ -142,13 +148,15 @@ def derive_groups(
     output = _output_node(graph, traced[0])
     names = {module: name for name, module in model.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
-    groups = []
+    groups, starts = [], {}
     for tp_group in graph.get_all_groups(root_module_types=(*ROOT_TYPES, *PRUNERS)):
         out_nodes = [item.dep.target for item in tp_group if graph.is_out_channel_pruning_fn(item.dep.handler)]
         if output is not None and any(node is output for node in out_nodes):
             continue  # the model's outputs (classes, vocabulary): never split
-        groups.append(_width_group(graph, tp_group, names, order, stacked or {}))
-    groups = [_with_hint(group, units or {}) for group in groups]
+        group, group_starts = _width_group(graph, tp_group, names, order, stacked or {})
+        groups.append(group)
+        starts |= {(group.name, *key): start for key, start in group_starts.items()}
+    groups = _concatenated_parts([_with_hint(group, units or {}) for group in groups], starts)
     return sorted(groups, key=lambda g: order[g.name])
 
 
@@ -161,8 +169,26 @@ def _with_hint(group: WidthGroup, units: Mapping[str, int]) -> WidthGroup:
     size = min(hinted)
     if len(hinted) > 1 or group.width % size:
         raise DerivationError(f"group {group.name!r}: unit hints {sorted(hinted)} do not divide its {group.width} channels into equal units")
-    axes = tuple(Axis(a.tensor, a.dim, a.unit * size, a.blocks, a.consumes) for a in group.axes)
+    axes = tuple(replace(a, unit=a.unit * size) for a in group.axes)
     return WidthGroup(group.name, group.width // size, axes)
+
+
+def _concatenated_parts(groups: Sequence[WidthGroup], starts: Mapping[tuple[str, str, int], int]) -> list[WidthGroup]:
+    """``groups`` with ``part`` set where several of them share a tensor dim (a layer reading a concatenation),
+    ranked by where each group's channels start along it (``starts``: (group, tensor, dim) -> position)."""
+    sharing: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for group in groups:
+        for axis in group.axes:
+            sharing.setdefault((axis.tensor, axis.dim), []).append((starts[(group.name, axis.tensor, axis.dim)], group.name))
+    parts = {
+        (name, tensor, dim): rank
+        for (tensor, dim), starts in sharing.items() if len(starts) > 1
+        for rank, (_, name) in enumerate(sorted(starts))
+    }  # fmt: skip
+    return [
+        WidthGroup(g.name, g.width, tuple(replace(a, part=parts.get((g.name, a.tensor, a.dim), 0)) for a in g.axes))
+        for g in groups
+    ]
 
 
 def _width_group(
@@ -171,8 +197,9 @@ def _width_group(
     names: Mapping[nn.Module, str],
     order: Mapping[str, int],
     stacked: Mapping[str, int],
-) -> WidthGroup:
-    """One Torch-Pruning group as a width group, named after its first-registered producing layer."""
+) -> tuple[WidthGroup, dict[tuple[str, int], int]]:
+    """One Torch-Pruning group as a width group, named after its first-registered producing layer, and where
+    its channels start along each of its axes ((tensor, dim) -> position)."""
     root = tp_group[0].dep.target.module
     producers = [
         names[item.dep.target.module] for item in tp_group
@@ -185,6 +212,7 @@ def _width_group(
         raise DerivationError(f"{names[root]}: stacked hint {parts} does not divide its {channels} outputs")
     width = channels // parts
     axes: dict[tuple[str, int], Axis] = {}
+    starts: dict[tuple[str, int], int] = {}
     for item in tp_group:
         target = item.dep.target
         positions, roots = torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs) % width
@@ -193,6 +221,7 @@ def _width_group(
             unit, blocks = _layout(key, positions, roots, width)
             dim = target.pruning_dim % target.module.dim()
             axes.setdefault((key, dim), Axis(key, dim, unit, blocks))
+            starts.setdefault((key, dim), int(positions.min()))
             continue
         module = target.module
         if module not in names:
@@ -204,7 +233,8 @@ def _width_group(
         for local, dim in _module_axes(module, module_name, consumes):
             key = f"{module_name}.{local}" if module_name else local
             axes.setdefault((key, dim), Axis(key, dim, unit, blocks, consumes and not _is_depthwise(module)))
-    return WidthGroup(name, width, tuple(axes.values()))
+            starts.setdefault((key, dim), int(positions.min()))
+    return WidthGroup(name, width, tuple(axes.values())), starts
 
 
 def _stacked_parts(root: str, producers: Sequence[str], stacked: Mapping[str, int]) -> int:
@@ -265,27 +295,34 @@ def _narrow_parameter(module: nn.Module, name: str, dim: int, dropped: Tensor) -
 
 def narrow_to(model: nn.Module, groups: Sequence[WidthGroup], widths: Mapping[str, int]) -> nn.Module:
     """Cut ``model`` in place to ``widths[g]`` units of every group ``g`` (its first units; values are
-    the caller's to load). Layers keep working: Torch-Pruning's pruning functions fix their attributes."""
-    modules = dict(model.named_modules())
+    the caller's to load). Layers keep working: Torch-Pruning's pruning functions fix their attributes.
+    Each layer side is cut once, by every group it holds (a layer reading a concatenation holds several)."""
     for group in groups:
         width = int(widths.get(group.name, group.width))
         if not 0 < width <= group.width:
             raise ValueError(f"group {group.name!r}: width {width} outside 1..{group.width}")
-        if width == group.width:
-            continue
-        dropped = torch.arange(width, group.width)
-        done: set[tuple[str, bool]] = set()
-        for axis in group.axes:
-            module_name, _, local = axis.tensor.rpartition(".")
-            module = modules[module_name]
-            dropped_positions = axis_positions(axis, group.width, dropped)
+    spec = SplitSpec(groups, {k: v.shape for k, v in model.state_dict().items()})
+    kept = spec.positions({g.name: torch.arange(int(widths.get(g.name, g.width))) for g in groups})
+    consumes = {(a.tensor, a.dim): a.consumes for g in groups for a in g.axes}
+    modules = dict(model.named_modules())
+    done: set[tuple[str, bool]] = set()
+    for tensor, dims in kept.items():
+        module_name, _, local = tensor.rpartition(".")
+        module = modules[module_name]
+        for dim, positions in dims:
+            keep = torch.zeros(spec.shapes[tensor][dim], dtype=torch.bool)
+            keep[positions] = True
+            dropped = torch.nonzero(~keep).flatten()
+            if not len(dropped):
+                continue
             pruner = PRUNERS.get(type(module)) or tp_function.PrunerBox.get(ops.module2type(module))
             if pruner is None or (type(module) not in PRUNERS and ops.module2type(module) not in PRUNED_TYPES):
-                _narrow_parameter(module, local, axis.dim, dropped_positions)  # a bare nn.Parameter of a container
+                _narrow_parameter(module, local, dim, dropped)  # a bare nn.Parameter of a container
                 continue
-            if (module_name, axis.consumes) in done:
+            side = consumes[(tensor, dim)]
+            if (module_name, side) in done:
                 continue
-            done.add((module_name, axis.consumes))
-            prune = pruner.prune_in_channels if axis.consumes else pruner.prune_out_channels
-            prune(module, dropped_positions.tolist())
+            done.add((module_name, side))
+            prune = pruner.prune_in_channels if side else pruner.prune_out_channels
+            prune(module, dropped.tolist())
     return model

@@ -37,6 +37,10 @@ class Axis:
     > 1 covers stacked copies (q, k and v rows in one fused projection).
     ``consumes`` marks an axis along which the tensor's layer *reads* the
     group's units (a Linear's input columns), as opposed to producing them.
+    ``part`` orders the groups whose axes are concatenated along one tensor
+    dim (a layer reading ``torch.cat`` of several groups' channels): the group
+    of part ``p`` starts after the full extent of parts ``< p`` at the spec's
+    widths. 0 where a dim belongs to one group.
     """
 
     tensor: str
@@ -44,6 +48,7 @@ class Axis:
     unit: int = 1
     blocks: int = 1
     consumes: bool = False
+    part: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,16 +167,14 @@ class SplitSpec:
             for axis in group.axes:
                 if axis.tensor not in shapes:
                     raise ValueError(f"group {group.name!r}: no tensor {axis.tensor!r}")
-                size = shapes[axis.tensor][axis.dim]
-                if size != group.width * axis.unit * axis.blocks:
-                    raise ValueError(
-                        f"group {group.name!r}: {axis.tensor} dim {axis.dim} has size "
-                        f"{size}, expected {group.width * axis.unit * axis.blocks}"
-                    )
                 claims = self._axes_by_tensor.setdefault(axis.tensor, [])
-                if any(a.dim == axis.dim for _, a in claims):
+                if any(a.dim == axis.dim and (a.part == axis.part or g is group) for g, a in claims):
                     raise ValueError(f"{axis.tensor} dim {axis.dim} is in two groups")
                 claims.append((group, axis))
+        for tensor, claims in self._axes_by_tensor.items():
+            claims.sort(key=lambda claim: (claim[1].dim, claim[1].part))
+            for dim in {axis.dim for _, axis in claims}:
+                _check_dim(tensor, dim, [c for c in claims if c[1].dim == dim], shapes[tensor][dim])
         self.shapes = dict(shapes)
 
     @classmethod
@@ -199,7 +202,8 @@ class SplitSpec:
         return [t for t, claims in self._axes_by_tensor.items() if all(axis.consumes for _, axis in claims)]
 
     def calibration(self, plan: Mapping[str, Tensor]) -> dict[str, float]:
-        """For every output layer, the fraction of its inputs that ``plan`` holds (w/K of each input group).
+        """For every output layer, the fraction of its inputs that ``plan`` holds (w/K of each input group;
+        over concatenated groups, the held share of the dim).
 
         A slice's output layer sums over that fraction of the full model's
         inputs, so the full model's outputs are on the slices' scale when its
@@ -209,20 +213,63 @@ class SplitSpec:
         factors = {}
         for tensor in self.output_layers:
             factor = 1.0
-            for group, _ in self._axes_by_tensor[tensor]:
-                factor *= len(plan[group.name]) / group.width
+            for claims in _by_dim(self._axes_by_tensor[tensor]):
+                if len(claims) == 1:
+                    group = claims[0][0]
+                    factor *= len(plan[group.name]) / group.width
+                else:
+                    held = sum(len(plan[g.name]) * a.unit * a.blocks for g, a in claims)
+                    factor *= held / sum(_extent(g, a) for g, a in claims)
             factors[tensor] = factor
         return factors
 
     def positions(self, plan: Mapping[str, Tensor]) -> dict[str, list[tuple[int, Tensor]]]:
-        """For every split tensor, ``(dim, positions along dim)`` under ``plan``."""
-        out: dict[str, list[tuple[int, Tensor]]] = {}
-        for tensor, claims in self._axes_by_tensor.items():
-            out[tensor] = [
-                (axis.dim, axis_positions(axis, group.width, plan[group.name]))
-                for group, axis in claims
-            ]
-        return out
+        """For every split tensor, ``(dim, positions along dim)`` under ``plan``; concatenated groups'
+        positions follow each other along their dim, in part order."""
+        return {
+            tensor: [(on_dim[0][1].dim, dim_positions(on_dim, plan)) for on_dim in _by_dim(claims)]
+            for tensor, claims in self._axes_by_tensor.items()
+        }
+
+
+def dim_positions(claims: Sequence[tuple[WidthGroup, Axis]], plan: Mapping[str, Tensor]) -> Tensor:
+    """Positions along one tensor dim under ``plan``, from the groups' ``claims`` on it in part order:
+    each group's positions after the full extent (at the groups' widths) of the parts before it."""
+    offset, pieces = 0, []
+    for group, axis in claims:
+        pieces.append(axis_positions(axis, group.width, plan[group.name]) + offset)
+        offset += _extent(group, axis)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _extent(group: WidthGroup, axis: Axis) -> int:
+    """Positions ``group``'s ``axis`` spans along its dim."""
+    return group.width * axis.unit * axis.blocks
+
+
+def _by_dim(claims: Sequence[tuple[WidthGroup, Axis]]) -> list[list[tuple[WidthGroup, Axis]]]:
+    """A tensor's claims (sorted by dim, then part) split into one list per dim."""
+    out: list[list[tuple[WidthGroup, Axis]]] = []
+    for claim in claims:
+        if out and out[-1][0][1].dim == claim[1].dim:
+            out[-1].append(claim)
+        else:
+            out.append([claim])
+    return out
+
+
+def _check_dim(tensor: str, dim: int, claims: Sequence[tuple[WidthGroup, Axis]], size: int) -> None:
+    """The groups on one tensor dim fill it exactly: one group, or concatenated parts 0..n-1 of one block each."""
+    if len(claims) == 1:
+        group, axis = claims[0]
+        if size != _extent(group, axis):
+            raise ValueError(f"group {group.name!r}: {tensor} dim {dim} has size {size}, expected {_extent(group, axis)}")
+        return
+    names = [g.name for g, _ in claims]
+    if [a.part for _, a in claims] != list(range(len(claims))) or any(a.blocks != 1 for _, a in claims):
+        raise ValueError(f"{tensor} dim {dim}: groups {names} must be concatenated parts 0..{len(claims) - 1} of one block each")
+    if size != sum(_extent(g, a) for g, a in claims):
+        raise ValueError(f"groups {names}: {tensor} dim {dim} has size {size}, expected {sum(_extent(g, a) for g, a in claims)}")
 
 
 def axis_positions(axis: Axis, width: int, units: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..engine.groups import SplitSpec, WidthGroup
+from ..engine.groups import Axis, SplitSpec, WidthGroup
 
 TORCHVISION_PREFIX = "torchvision:"
 HF_PREFIX = "hf:"
@@ -172,6 +172,14 @@ class DerivedClassifier(nn.Module):
     def _keep_features(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._features.append(args[0].flatten(1))
 
+    @classmethod
+    def feature_claims(cls, widths: Mapping[str, int]) -> list[tuple[WidthGroup, Axis]]:
+        """The groups (at ``widths``) the output layer reads, in order along its inputs (several where it
+        reads a concatenation): they index the representation."""
+        weight = f"{cls.head_module}.weight"
+        claims = [(g, a) for g in cls.GROUPS for a in g.axes if a.tensor == weight and a.consumes]
+        return [(WidthGroup(g.name, widths[g.name], g.axes), a) for g, a in sorted(claims, key=lambda c: c[1].part)]
+
     def width_groups(self) -> list[WidthGroup]:
         """The derived groups at this instance's widths and tensor names (under ``net.``)."""
         return [_prefixed(group, "net.", self.widths[group.name]) for group in self.GROUPS]
@@ -246,9 +254,11 @@ def derived_model_class(architecture: Architecture) -> type[DerivedClassifier]:
     heads = sorted({tensor.rpartition(".")[0] for tensor in spec.output_layers})
     if len(heads) != 1:
         raise DerivationError(f"model {architecture.name!r}: expected one output layer reading split features, found {heads or 'none'}")
-    axis, group = next((a, g) for g in groups for a in g.axes if a.consumes and a.tensor.rpartition(".")[0] == heads[0])
-    if axis.blocks != 1:
-        raise DerivationError(f"model {architecture.name!r}: the output layer {heads[0]!r} reads stacked copies of group {group.name!r}")
+    head_claims = [(a, g) for g in groups for a in g.axes if a.consumes and a.tensor == f"{heads[0]}.weight"]
+    stacked = [g.name for a, g in head_claims if a.blocks != 1]
+    if stacked or not head_claims:
+        raise DerivationError(f"model {architecture.name!r}: the output layer {heads[0]!r} reads no group or stacked copies of {stacked}")
+    axis, group = min(head_claims, key=lambda claim: claim[0].part)
     attributes = {
         "architecture": architecture,
         "GROUPS": tuple(groups),
