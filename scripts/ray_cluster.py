@@ -26,9 +26,7 @@ their environment), also when something fails::
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -41,8 +39,7 @@ from msfusion_flwr.deployment.flower import flower_env
 from msfusion_flwr.deployment.processes import (
     MARKER_KEY,
     free_port,
-    pids_with_marker,
-    wait_gone,
+    stop_marked,
 )
 from msfusion_flwr.server.reporting import read_metrics
 
@@ -59,20 +56,6 @@ def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} ... exited {proc.returncode}: {output[-2000:]}")
     return output
-
-
-def _stop_all(marker: str) -> list[int]:
-    """SIGTERM, then SIGKILL, every process whose environment carries ``marker``; those still alive."""
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        pids = pids_with_marker(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if not wait_gone(pids, grace) and not pids_with_marker(marker):
-            return []
-    return pids_with_marker(marker)
 
 
 def _actor_nodes(address: str) -> tuple[int, dict[str, int]]:
@@ -132,7 +115,7 @@ def main() -> int:
         print(f"Ray nodes alive: {alive}; {ACTOR_CLASS}s per Ray node: {sorted(per_node.values())}", flush=True)
         failed = status != "finished:completed" or alive != 2 or len(per_node) != 2
     finally:
-        left = _stop_all(marker)
+        left = stop_marked(marker)
         print(f"stopped every process started (marker {marker})" if not left else f"still running: {left}", flush=True)
     if failed or left:
         print("FAILED: " + ("the run did not complete on both Ray nodes" if failed else "processes left behind"))

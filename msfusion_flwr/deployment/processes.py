@@ -94,6 +94,20 @@ def pids_with_marker(marker: str) -> list[int]:
     return sorted(found)
 
 
+def stop_marked(marker: str) -> list[int]:
+    """SIGTERM, then SIGKILL, every process whose environment carries ``marker``; the PIDs still alive."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        pids = pids_with_marker(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not wait_gone(pids, grace) and not pids_with_marker(marker):
+            return []
+    return pids_with_marker(marker)
+
+
 def _carries_other_environment(pid: int, entry: bytes, attempts: int = 5) -> bool:
     """Whether ``pid``'s environment is readable and lacks ``entry`` (a PID reused by another process).
 
