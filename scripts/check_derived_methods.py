@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("methods", nargs="+")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed check still stops its SuperLink (finally)
     work = Path(tempfile.mkdtemp(prefix="check-derived-"))
     marker = f"check-derived-{uuid.uuid4().hex[:8]}"
     env = flower_env(
