@@ -54,8 +54,17 @@ def flwr_run(config: dict[str, Any], env: dict[str, str], work: Path) -> None:
     log = proc.stdout + proc.stderr
     (work / f"{config['method']}.log").write_text(log)
     started = re.search(r"Successfully started run (\d+)", log)
-    if proc.returncode != 0 or not started or _status(started.group(1), env) != "finished:completed":
-        raise RuntimeError(f"flwr run of {config['method']} failed:\n{log[-3000:]}")
+    status = _final_status(started.group(1), env) if proc.returncode == 0 and started else f"exit {proc.returncode}"
+    if status != "finished:completed":
+        raise RuntimeError(f"flwr run of {config['method']} ended {status}:\n{log[-3000:]}")
+
+
+def _final_status(run_id: str, env: dict[str, str], timeout: float = 60.0) -> str:
+    """The run's status once the SuperLink has marked it finished (the log stream can end first)."""
+    deadline = time.monotonic() + timeout
+    while not (status := _status(run_id, env)).startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return status
 
 
 def _status(run_id: str, env: dict[str, str]) -> str:
