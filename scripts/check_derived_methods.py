@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/check_derived_methods.py torchvision:resnet18 fedavg fedavg-small heterofl fedrolex fd fjord feddf msfusion
     .venv/bin/python scripts/check_derived_methods.py --flwr-run torchvision:resnet18 fedavg fedavg-small ...
+    .venv/bin/python scripts/check_derived_methods.py --flwr-run --dataset cifar10 --data-dir DIR --rounds 1 torchvision:resnet18 ...
 
-Fashion-MNIST, 3 participants with budgets 0.25/0.5/0.25, IID partitions of 5 % of the training set
+Fashion-MNIST (or ``--dataset`` from ``--data-dir``, e.g. a local CIFAR-10 copy in the Hub's layout, as
+``tests/test_cifar.py: write_hub_copy`` writes one), 3 participants with budgets 0.25/0.5/0.25, IID partitions of 5 % of the training set
 (FedDF: 5 % more held out as its server slice), seed 0. The server evaluates on the first 1,000 test
 images (``test-examples``; the full test set would dominate the time). By default through Flower's
 simulation engine in-process (``run_experiment``); with ``--flwr-run`` through ``flwr run .`` against a
@@ -37,11 +39,14 @@ FEDERATION = f"num-supernodes={NODES} client-resources-num-cpus=1"
 RUN_TIMEOUT_S = 1800
 
 
-def run_config(model: str, method: str, output_dir: Path) -> dict[str, Any]:
+def run_config(model: str, method: str, output_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    fashion = args.dataset == "fashion-mnist"
     return {
-        "method": method, "model": model, "num-server-rounds": 3, "data-fraction": 0.05, "partitioner": "iid",
+        "method": method, "model": model, "num-server-rounds": args.rounds, "partitioner": "iid",
         "budgets": "0.25,0.5", "min-available-nodes": NODES, "test-examples": 1000, "output-dir": str(output_dir),
-        **({"server-data-fraction": 0.05} if method == "feddf" else {}),
+        "dataset": args.dataset, **({"data-dir": args.data_dir} if args.data_dir else {}),
+        "data-fraction": 0.05 if fashion else 1.0,
+        **({"server-data-fraction": 0.05 if fashion else 0.2} if method == "feddf" else {}),
     }  # fmt: skip
 
 
@@ -89,6 +94,9 @@ def summary(method: str, output_dir: Path, seconds: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flwr-run", action="store_true", help="through `flwr run .` instead of the in-process engine")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("model")
     parser.add_argument("methods", nargs="+")
     args = parser.parse_args()
@@ -102,7 +110,7 @@ def main() -> int:
     try:
         for method in args.methods:
             started = time.perf_counter()
-            config = run_config(args.model, method, work / method)
+            config = run_config(args.model, method, work / method, args)
             if args.flwr_run:
                 flwr_run(config, env, work)
             else:
