@@ -258,6 +258,7 @@ def test_concatenated_groups_follow_each_other_along_the_layers_that_read_them()
     head = dict(spec.positions(plan)["net.head.weight"])[1]
     assert head.tolist() == [1, 5, 8 + 0, 8 + 3, 14 + 2, 14 + 9]
     assert representation(model, plan, spec.widths).feature_index.tolist() == head.tolist()
+    assert spec.calibration(plan) == {"net.head.weight": 6 / 24}  # the held share of the classifier's inputs
     narrow = cls(plan_widths(plan), num_classes=3)
     narrow.load_state_dict(slice_state(model.state_dict(), spec, plan))
     assert narrow.net.norm.num_features == 4 and narrow.net.head.in_features == 6
