@@ -182,8 +182,8 @@ def _concatenated_parts(groups: Sequence[WidthGroup], starts: Mapping[tuple[str,
             sharing.setdefault((axis.tensor, axis.dim), []).append((starts[(group.name, axis.tensor, axis.dim)], group.name))
     parts = {
         (name, tensor, dim): rank
-        for (tensor, dim), starts in sharing.items() if len(starts) > 1
-        for rank, (_, name) in enumerate(sorted(starts))
+        for (tensor, dim), claimants in sharing.items() if len(claimants) > 1
+        for rank, (_, name) in enumerate(sorted(claimants))
     }  # fmt: skip
     return [
         WidthGroup(g.name, g.width, tuple(replace(a, part=parts.get((g.name, a.tensor, a.dim), 0)) for a in g.axes))
