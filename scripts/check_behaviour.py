@@ -49,6 +49,11 @@ RUNS: dict[str, dict[str, Any]] = {
         "train-split": "valid", "vocab-size": 2000, "seq-len": 32, "partitioner": "contiguous",
         "optimizer": "adam", "learning-rate": 0.0003, "data-fraction": 0.03,
     },
+    "msfusion-gpt2": {
+        "method": "msfusion", "dataset": "wikitext-2", "model": "gpt2", "data-dir": str(WIKITEXT),
+        "train-split": "valid", "vocab-size": 2000, "seq-len": 32, "partitioner": "contiguous",
+        "optimizer": "adam", "learning-rate": 0.0003, "data-fraction": 0.03,
+    },
 }  # fmt: skip
 """Every method, with options that exercise budgets, faults, checkpoints, distillation and a language model.
 Keys are spelled as the oldest revision compared knows them; :func:`current_keys` renames them for newer ones."""

@@ -30,40 +30,13 @@ from msfusion_flwr.models.derived import (
     parameters_on_meta,
     transformers_architecture,
 )
-from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, register_conv1d_pruner
+from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, GPT2LM, register_conv1d_pruner
 
 GPT2 = "model.transformer"
-TRACED = {  # declared model -> (constructor kwargs, example input, device to trace on, units hint, stacked hint)
-    "transformer": (
-        {"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long), "meta",
-        {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)}, {},
-    ),
-    # GPT-2's attention-mask code cannot run on the meta device. Its hints: heads of HEAD_DIM channels, q/k/v
-    # stacked in c_attn, and the residual stream in HEAD_DIM-channel units too (GPT-2 ties n_head to n_embd).
-    "gpt2": (
-        {"vocab_size": 50, "max_len": 16}, torch.zeros(2, 16, dtype=torch.long), "cpu",
-        {f"{GPT2}.wte": HEAD_DIM} | {f"{GPT2}.h.{i}.attn.c_attn": HEAD_DIM for i in range(NUM_LAYERS)},
-        {f"{GPT2}.h.{i}.attn.c_attn": 3 for i in range(NUM_LAYERS)},
-    ),
-}
 
 
 def _axis_sets(groups) -> dict[frozenset, int]:
     return {frozenset(group.axes): group.width for group in groups}
-
-
-@pytest.mark.parametrize("name", sorted(TRACED))
-def test_derived_groups_equal_the_hand_written_declarations(name):
-    """Traced (on the meta device where the model allows), the language models' groups are their
-    declarations: the same axes, units and widths."""
-    kwargs, example, device, units, stacked = TRACED[name]
-    if name == "gpt2":
-        register_conv1d_pruner()
-    with torch.device(device):
-        traced = build_model(name, **kwargs)
-    derived = derive_groups(traced, example.to(device), units=units, stacked=stacked)
-    declared = SplitSpec.from_model(build_model(name, **kwargs)).groups.values()
-    assert _axis_sets(derived) == _axis_sets(declared)
 
 
 def _cnn_declarations(model) -> list[GroupDecl]:
@@ -98,20 +71,62 @@ def _preresnet_declarations(model) -> list[GroupDecl]:
     return [GroupDecl(s, outputs=tuple(outputs[s]), inputs=tuple(inputs[s])) for s, _, _ in model.STAGES] + inner
 
 
-HAND_WRITTEN = {"cnn": _cnn_declarations, "preresnet18": _preresnet_declarations}
+def _transformer_declarations(model) -> list[GroupDecl]:
+    """Our Transformer's width groups as they were written by hand: the residual stream, and per layer its heads
+    (units of HEAD_DIM channels) and its FFN."""
+    layers = [f"layers.{i}" for i in range(NUM_LAYERS)]
+    embed = GroupDecl(
+        "embed",
+        outputs=("tok", "pos", *[f"{l}.{m}" for l in layers for m in ("ln1", "attn.out", "ln2", "ffn.fc2")], "norm"),
+        inputs=(*[f"{l}.{m}" for l in layers for m in ("attn.q", "attn.k", "attn.v", "ffn.fc1")], "head"),
+    )
+    per_layer = []
+    for l in layers:
+        per_layer.append(
+            GroupDecl(f"{l}.heads", outputs=(f"{l}.attn.q", f"{l}.attn.k", f"{l}.attn.v"), inputs=(f"{l}.attn.out",), unit=HEAD_DIM)
+        )
+        per_layer.append(GroupDecl(f"{l}.ffn", outputs=(f"{l}.ffn.fc1",), inputs=(f"{l}.ffn.fc2",)))
+    return [embed, *per_layer]
 
 
-@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
-@pytest.mark.parametrize("kwargs", [{}, {"in_channels": 3, "num_classes": 7}])
-def test_the_image_models_groups_are_their_former_declarations_in_name_and_order(name, kwargs):
-    """FashionCNN and PreResNet-18 no longer declare their groups: at full width and at a random narrow width
-    the derived groups are the hand-written ones, names, planning order and widths included, and every random
-    plan slices every tensor exactly as the declarations did."""
+def _gpt2_declarations(model) -> list[GroupDecl]:
+    """GPT-2's width groups as they were written by hand: the residual stream in HEAD_DIM-channel units, and per
+    layer its heads (q, k and v stacked in c_attn: 3 blocks) and its FFN."""
+    layers = [f"{GPT2}.h.{i}" for i in range(NUM_LAYERS)]
+    embed = GroupDecl(
+        "embed",
+        outputs=(f"{GPT2}.wte", f"{GPT2}.wpe", *[f"{l}.{m}" for l in layers for m in ("ln_1", "attn.c_proj", "ln_2", "mlp.c_proj")], f"{GPT2}.ln_f"),
+        inputs=(*[f"{l}.{m}" for l in layers for m in ("attn.c_attn", "mlp.c_fc")], "model.lm_head"),
+        unit=HEAD_DIM,
+    )
+    per_layer = []
+    for i, l in enumerate(layers):
+        per_layer.append(
+            GroupDecl(f"h.{i}.heads", outputs=(f"{l}.attn.c_attn",), inputs=(f"{l}.attn.c_proj",), unit=HEAD_DIM, blocks_of={f"{l}.attn.c_attn": 3})
+        )
+        per_layer.append(GroupDecl(f"h.{i}.ffn", outputs=(f"{l}.mlp.c_fc",), inputs=(f"{l}.mlp.c_proj",)))
+    return [embed, *per_layer]
+
+
+HAND_WRITTEN = {  # model -> (its former declarations, constructor arguments to check them under)
+    "cnn": (_cnn_declarations, [{}, {"in_channels": 3, "num_classes": 7}]),
+    "preresnet18": (_preresnet_declarations, [{}, {"in_channels": 3, "num_classes": 7}]),
+    "transformer": (_transformer_declarations, [{"vocab_size": 50, "max_len": 16}]),
+    "gpt2": (_gpt2_declarations, [{"vocab_size": 50, "max_len": 16}]),
+}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [(name, kwargs) for name, (_, cases) in HAND_WRITTEN.items() for kwargs in cases])
+def test_the_built_in_models_groups_are_their_former_declarations_in_name_and_order(name, kwargs):
+    """No built-in model declares its groups any more (the language models give hints only): at full width
+    and at a narrower width the derived groups are the hand-written ones, names, planning order and widths
+    included, and every random plan slices every tensor exactly as the declarations did."""
+    declarations = HAND_WRITTEN[name][0]
     narrow = {group: max(1, width * 3 // 8) for group, width in model_class(name).FULL_WIDTHS.items()}
     for widths in ({}, narrow):
         model = build_model(name, widths=widths, **kwargs)
         derived = SplitSpec.from_model(model)
-        declared = SplitSpec(resolve_groups(model, HAND_WRITTEN[name](model)), {k: v.shape for k, v in model.state_dict().items()})
+        declared = SplitSpec(resolve_groups(model, declarations(model)), {k: v.shape for k, v in model.state_dict().items()})
         assert [(g.name, g.width) for g in derived.groups.values()] == [(g.name, g.width) for g in declared.groups.values()]
         assert _axis_sets(derived.groups.values()) == _axis_sets(declared.groups.values())
         for seed in range(3):
@@ -125,9 +140,9 @@ def test_a_fused_qkv_projection_without_its_stacked_hint_is_a_one_line_error():
     """Torch-Pruning maps GPT-2's 3d fused q/k/v outputs through attention onto the out-projection's d inputs;
     without the stacked hint that would index past the tensor, so derivation refuses, naming the layer."""
     register_conv1d_pruner()
-    kwargs, example, _, units, _ = TRACED["gpt2"]
+    example = torch.zeros(2, 16, dtype=torch.long)
     with pytest.raises(DerivationError, match=rf"^{GPT2}.h.0.attn.c_proj: tracing maps 384 channels onto its 128 inputs"):
-        derive_groups(build_model("gpt2", **kwargs), example, units=units)
+        derive_groups(build_model("gpt2", vocab_size=50, max_len=16), example, units=GPT2LM.UNIT_HINTS)
 
 
 def test_a_unit_hint_applies_to_the_group_its_layer_produces_only():

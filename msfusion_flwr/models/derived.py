@@ -204,30 +204,41 @@ TRACE_WIDTH = 2
 their widths, and 2 units (not 1) tell a unit's span from stacked copies along an axis."""
 
 
-def traced_width_groups(model: nn.Module, example_shape: tuple[int, ...], **arguments: Any) -> list[WidthGroup]:
+def traced_width_groups(
+    model: nn.Module, example_shape: tuple[int, ...], example_dtype: torch.dtype = torch.float32, **arguments: Any
+) -> list[WidthGroup]:
     """The width groups of a model that names them instead of declaring them.
 
     Derived from the graph of a copy of ``type(model)`` built with
     ``arguments`` and :data:`TRACE_WIDTH` units in every group, traced on a zero
-    input of ``example_shape`` on the CPU (once per class, arguments and shape:
-    the copy is a few kilobytes, and the CPU spares the second of lazy imports
-    a first forward pass on the meta device costs a fresh device process), then
-    renamed by the class's ``GROUP_NAMES`` (the group's first producing layer ->
-    its name, in the order the groups are planned) and sized at ``model.widths``.
+    input of ``example_shape`` and ``example_dtype`` (token ids: ``torch.long``)
+    on the CPU (once per class, arguments and shape: the copy is a few
+    kilobytes, and the CPU spares the second of lazy imports a first forward
+    pass on the meta device costs a fresh device process), with the class's
+    hints ``UNIT_HINTS`` and ``STACKED_HINTS`` where it has them
+    (:func:`~msfusion_flwr.engine.derivation.derive_groups`' ``units`` and
+    ``stacked``), then renamed by the class's ``GROUP_NAMES`` (the group's first
+    producing layer -> its name, in the order the groups are planned) and sized
+    at ``model.widths``.
     """
-    groups = _traced_named_groups(type(model), tuple(example_shape), tuple(sorted(arguments.items())))
+    groups = _traced_named_groups(type(model), tuple(example_shape), example_dtype, tuple(sorted(arguments.items())))
     return [replace(group, width=model.widths[group.name]) for group in groups]
 
 
 @functools.cache
 def _traced_named_groups(
-    model_class: type[nn.Module], example_shape: tuple[int, ...], arguments: tuple[tuple[str, Any], ...]
+    model_class: type[nn.Module],
+    example_shape: tuple[int, ...],
+    example_dtype: torch.dtype,
+    arguments: tuple[tuple[str, Any], ...],
 ) -> tuple[WidthGroup, ...]:
     from ..engine.derivation import DerivationError, derive_groups
 
     full_widths: Mapping[str, int] = model_class.FULL_WIDTHS  # type: ignore[attr-defined]
     traced = model_class(widths={group: TRACE_WIDTH for group in full_widths}, **dict(arguments))
-    derived = {group.name: group for group in derive_groups(traced, torch.zeros(example_shape))}
+    example = torch.zeros(example_shape, dtype=example_dtype)
+    units, stacked = getattr(model_class, "UNIT_HINTS", {}), getattr(model_class, "STACKED_HINTS", {})
+    derived = {group.name: group for group in derive_groups(traced, example, units=units, stacked=stacked)}
     names: Mapping[str, str] = model_class.GROUP_NAMES  # type: ignore[attr-defined]
     if set(derived) != set(names):
         raise DerivationError(

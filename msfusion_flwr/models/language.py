@@ -1,8 +1,9 @@
-"""Causal language models with declared width groups.
+"""Causal language models, their width groups derived from their graphs with two hints.
 
 Two models, one protocol (that of :mod:`msfusion_flwr.models.vision`: a ``widths`` /
-``rate`` constructor, ``FULL_WIDTHS``, ``width_group_decls()``,
-``feature_group``, ``features(x)`` and ``outputs(x) -> (logits, features)``):
+``rate`` constructor, ``FULL_WIDTHS``, ``width_groups()`` traced by
+:func:`~msfusion_flwr.models.derived.traced_width_groups` and named by
+``GROUP_NAMES``, ``feature_group``, ``features(x)`` and ``outputs(x) -> (logits, features)``):
 
 * :class:`TransformerLM` (``model = "transformer"``), our pre-LayerNorm
   decoder-only Transformer;
@@ -12,7 +13,10 @@ Two models, one protocol (that of :mod:`msfusion_flwr.models.vision`: a ``widths
   their own forward: the splitting engine only learns, through axis rules for
   ``transformers``' transposed ``Conv1D``, which tensor axes its groups index.
 
-Width groups (the vocabulary and the head dimension are never split):
+Width groups (the vocabulary and the head dimension are never split), as
+tracing finds them given what it cannot see: ``UNIT_HINTS`` (a head is a unit of
+``HEAD_DIM`` channels) and, for GPT-2, ``STACKED_HINTS`` (its fused q/k/v
+projection stacks 3 copies of the heads):
 
 * ``embed``: the residual/embedding width, one group coupled across all layers
   (token and position embeddings, every LayerNorm, every projection writing to
@@ -38,13 +42,14 @@ the sub-model's rate; at evaluation it is the identity.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.groups import INPUT_RULES, OUTPUT_RULES, GroupDecl
+from ..engine.groups import INPUT_RULES, OUTPUT_RULES, WidthGroup
+from .derived import traced_width_groups
 from .layers import Scaler, classifier_scaler
 
 HEAD_DIM = 32
@@ -55,6 +60,10 @@ EMBED_WIDTH = 128
 FFN_WIDTH = 512
 LM_EVAL_BATCH_SIZE = 32
 """Sequences per evaluation batch: logits are (batch, seq-len, vocabulary)."""
+TRACE_TOKENS = (2, 2)
+"""The token ids (batch, length) a language model's groups are traced on: their structure depends on neither."""
+TRACE_ARGUMENTS = {"vocab_size": 2, "max_len": 2}
+"""The traced copy's vocabulary and context: never split, so they change no group."""
 
 
 def _init_gpt_style(module: nn.Module) -> None:
@@ -124,6 +133,10 @@ class TransformerLM(nn.Module):
         for i in range(NUM_LAYERS)
         for part, width in (("heads", EMBED_WIDTH // HEAD_DIM), ("ffn", FFN_WIDTH))
     }
+    GROUP_NAMES: ClassVar[Mapping[str, str]] = {"tok": "embed"} | {
+        f"layers.{i}.{layer}": f"layers.{i}.{group}" for i in range(NUM_LAYERS) for layer, group in (("attn.q", "heads"), ("ffn.fc1", "ffn"))
+    }
+    UNIT_HINTS: ClassVar[Mapping[str, int]] = {f"layers.{i}.attn.q": HEAD_DIM for i in range(NUM_LAYERS)}
     input_kind = "text"
     feature_group = "embed"
     feature_unit = 1
@@ -139,6 +152,7 @@ class TransformerLM(nn.Module):
     ) -> None:
         super().__init__()
         w = {**self.FULL_WIDTHS, **(widths or {})}
+        self.widths = w
         embed = w["embed"]
         self.tok = nn.Embedding(vocab_size, embed)
         self.pos = nn.Embedding(max_len, embed)
@@ -150,20 +164,8 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(embed, vocab_size)
         self.apply(_init_gpt_style)
 
-    def width_group_decls(self) -> list[GroupDecl]:
-        layers = [f"layers.{i}" for i in range(NUM_LAYERS)]
-        embed = GroupDecl(
-            "embed",
-            outputs=("tok", "pos", *[f"{l}.{m}" for l in layers for m in ("ln1", "attn.out", "ln2", "ffn.fc2")], "norm"),
-            inputs=(*[f"{l}.{m}" for l in layers for m in ("attn.q", "attn.k", "attn.v", "ffn.fc1")], "head"),
-        )
-        per_layer = []
-        for l in layers:
-            per_layer.append(
-                GroupDecl(f"{l}.heads", outputs=(f"{l}.attn.q", f"{l}.attn.k", f"{l}.attn.v"), inputs=(f"{l}.attn.out",), unit=HEAD_DIM)
-            )
-            per_layer.append(GroupDecl(f"{l}.ffn", outputs=(f"{l}.ffn.fc1",), inputs=(f"{l}.ffn.fc2",)))
-        return [embed, *per_layer]
+    def width_groups(self) -> list[WidthGroup]:
+        return traced_width_groups(self, TRACE_TOKENS, torch.long, **TRACE_ARGUMENTS)
 
     def hidden_states(self, tokens: Tensor) -> Tensor:
         """Final hidden states (batch, length, embed), after the final LayerNorm."""
@@ -248,6 +250,10 @@ class _ScaleOutput:
         return self.scaler(output)
 
 
+_GPT2 = "model.transformer"
+"""Where ``GPT2LM`` keeps GPT-2's transformer."""
+
+
 class GPT2LM(nn.Module):
     """A ``transformers.GPT2LMHeadModel`` (in ``self.model``) at the given widths.
 
@@ -262,6 +268,13 @@ class GPT2LM(nn.Module):
         for i in range(NUM_LAYERS)
         for part, width in (("heads", EMBED_WIDTH // HEAD_DIM), ("ffn", FFN_WIDTH))
     }
+    GROUP_NAMES: ClassVar[Mapping[str, str]] = {f"{_GPT2}.wte": "embed"} | {
+        f"{_GPT2}.h.{i}.{layer}": f"h.{i}.{group}" for i in range(NUM_LAYERS) for layer, group in (("attn.c_attn", "heads"), ("mlp.c_fc", "ffn"))
+    }
+    UNIT_HINTS: ClassVar[Mapping[str, int]] = {f"{_GPT2}.wte": HEAD_DIM} | {f"{_GPT2}.h.{i}.attn.c_attn": HEAD_DIM for i in range(NUM_LAYERS)}
+    """Heads of ``HEAD_DIM`` channels, and the residual stream in ``HEAD_DIM``-channel units too (GPT-2 ties ``n_head`` to ``n_embd``)."""
+    STACKED_HINTS: ClassVar[Mapping[str, int]] = {f"{_GPT2}.h.{i}.attn.c_attn": 3 for i in range(NUM_LAYERS)}
+    """``c_attn`` outputs q, k and v stacked: 3 copies of the layer's heads."""
     input_kind = "text"
     feature_group = "embed"
     feature_unit = HEAD_DIM
@@ -280,6 +293,7 @@ class GPT2LM(nn.Module):
 
         register_transformers_rules()
         w = {**self.FULL_WIDTHS, **(widths or {})}
+        self.widths = w
         heads = {w[f"h.{i}.heads"] for i in range(NUM_LAYERS)}
         ffn = {w[f"h.{i}.ffn"] for i in range(NUM_LAYERS)}
         if heads != {w["embed"]} or len(ffn) != 1:
@@ -312,25 +326,11 @@ class GPT2LM(nn.Module):
         self.head_scaler = classifier_scaler(rate, classifier_scaling)
         self.model.lm_head.register_forward_hook(_ScaleOutput(self.head_scaler))
 
-    def width_group_decls(self) -> list[GroupDecl]:
-        t = "model.transformer"
-        layers = [f"{t}.h.{i}" for i in range(NUM_LAYERS)]
-        embed = GroupDecl(
-            "embed",
-            outputs=(f"{t}.wte", f"{t}.wpe", *[f"{l}.{m}" for l in layers for m in ("ln_1", "attn.c_proj", "ln_2", "mlp.c_proj")], f"{t}.ln_f"),
-            inputs=(*[f"{l}.{m}" for l in layers for m in ("attn.c_attn", "mlp.c_fc")], "model.lm_head"),
-            unit=HEAD_DIM,
-        )
-        per_layer = []
-        for i, l in enumerate(layers):
-            per_layer.append(
-                GroupDecl(
-                    f"h.{i}.heads", outputs=(f"{l}.attn.c_attn",), inputs=(f"{l}.attn.c_proj",),
-                    unit=HEAD_DIM, blocks_of={f"{l}.attn.c_attn": 3},
-                )
-            )
-            per_layer.append(GroupDecl(f"h.{i}.ffn", outputs=(f"{l}.mlp.c_fc",), inputs=(f"{l}.mlp.c_proj",)))
-        return [embed, *per_layer]
+    def width_groups(self) -> list[WidthGroup]:
+        """Traced on the CPU (GPT-2's attention-mask code cannot run on the meta device), with a Torch-Pruning
+        pruner for ``Conv1D``."""
+        register_conv1d_pruner()
+        return traced_width_groups(self, TRACE_TOKENS, torch.long, **TRACE_ARGUMENTS)
 
     def features(self, tokens: Tensor) -> Tensor:
         return self.model.transformer(input_ids=tokens).last_hidden_state.mean(dim=1)
