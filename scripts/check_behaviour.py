@@ -125,9 +125,24 @@ class InProcessGrid:
             )
             for node in range(1, num_nodes + 1)
         }
+        self.pushed: dict[str, Any] = {}
+        self.count = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        """Keep the messages to answer when pulled (newer revisions stream replies through push and pull)."""
+        ids = []
+        for message in messages:
+            self.count += 1
+            message.metadata.__dict__["_message_id"] = f"m{self.count}"
+            self.pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        return self.send_and_receive([self.pushed.pop(i) for i in list(message_ids) if i in self.pushed])
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Any]:
         from flwr.app import Error, Message

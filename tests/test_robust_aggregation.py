@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_splitting import TINY_DTYPES, TINY_SHAPES, local_index, local_shape, random_tensor, tiny_plans, tiny_spec
 
 from msfusion_flwr.config import RunConfig
-from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate, slice_state
+from msfusion_flwr.engine import RunningMean, SplitSpec, SubmodelUpdate, aggregate, slice_state
 from msfusion_flwr.engine.fusion import aggregate_screened
 from msfusion_flwr.engine.policies import FullWidth
 from msfusion_flwr.engine.robust import AggregationRule
@@ -309,3 +309,52 @@ def test_screening_catches_a_flipped_update_where_the_median_of_two_holders_cann
         target = aggregate(state, spec, honest, rule=rule)
         assert distance(screened, target) < 1e-9, rule
         assert distance(aggregate(state, spec, [*honest, hostile], rule=rule), target) > 0.3 * distance(target, state), rule
+
+
+streaming_rules = st.builds(
+    AggregationRule,
+    weighting=st.sampled_from(["examples", "equal"]),
+    noise_std=st.sampled_from([0.0, 0.7]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rule=streaming_rules,
+    plans=st.lists(tiny_plans(), min_size=1, max_size=6),
+    claims=st.lists(st.integers(min_value=1, max_value=9), min_size=6, max_size=6),
+    calibrate=st.booleans(),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_folding_updates_one_at_a_time_is_the_aggregate_bit_for_bit(rule, plans, claims, calibrate, seed):
+    """RunningMean over the updates in the order aggregate takes them equals aggregate exactly: every tensor,
+    integer buffers and the DP noise (the same generator state) included (calibration: the strategy-level test)."""
+    gen = torch.Generator().manual_seed(seed)
+    global_state = {k: random_tensor(gen, s, TINY_DTYPES.get(k, torch.float32)) for k, s in TINY_SHAPES.items()}
+    updates = [
+        SubmodelUpdate(
+            {g: torch.tensor(u) for g, u in plan.items()},
+            {k: random_tensor(gen, local_shape(k, plan), TINY_DTYPES.get(k, torch.float32)) for k in TINY_SHAPES},
+            float(c),
+        )
+        for plan, c in zip(plans, claims)
+    ]
+    spec = tiny_spec()
+    expected = aggregate(global_state, spec, updates, calibrate, rule, torch.Generator().manual_seed(seed))
+    running = RunningMean(global_state, spec, calibrate, rule)
+    for update in updates:
+        running.add(update)
+    merged = running.result(torch.Generator().manual_seed(seed))
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        assert merged[key].dtype == expected[key].dtype and torch.equal(merged[key], expected[key]), key
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [AggregationRule(statistic="median"), AggregationRule(weighting="capped"), AggregationRule(clip=1.0), AggregationRule(screen=True)],
+)
+def test_a_rule_that_needs_the_whole_round_cannot_be_folded(rule):
+    assert not rule.streams
+    with pytest.raises(ValueError, match="cannot be folded one at a time"):
+        RunningMean({}, tiny_spec(), rule=rule)

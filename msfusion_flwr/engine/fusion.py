@@ -65,13 +65,69 @@ def aggregate(
             continue
         contributions = held.values(key, factors)
         if rule.statistic == "mean":
-            out = _weighted_mean(current, contributions, weights, rule.noise_std, generator)
+            total, weight = _weighted_sums(current.numel(), contributions, weights)
+            out = _mean_of_sums(current, total, weight, rule.noise_std, generator)
         else:
             out = _order_statistic(current, contributions, rule)
-        if not current.is_floating_point():
-            out = out.round()
-        merged[key] = out.view(current.shape).to(current.dtype)
+        merged[key] = _as_global(current, out)
     return merged
+
+
+class RunningMean:
+    """:func:`aggregate` one update at a time, for a rule that :attr:`~.robust.AggregationRule.streams`.
+
+    Per tensor it keeps the weighted sum of the holders' values and the sum of
+    their weights (float64, four times the model's float32 bytes), so an update
+    can be dropped as soon as it is added: the memory is the model's, not the
+    round's replies'. Adding the updates in the order :func:`aggregate` is
+    given them yields its result bit for bit: the same float64 operations in
+    the same order.
+    """
+
+    def __init__(
+        self, global_state: Mapping[str, Tensor], spec: SplitSpec, calibrate: bool = False, rule: AggregationRule = PLAIN
+    ) -> None:
+        if not rule.streams:
+            raise ValueError(f"{rule} needs every update at once: it cannot be folded one at a time")
+        self.global_state, self.spec, self.calibrate, self.rule = global_state, spec, calibrate, rule
+        self.count = 0
+        self._sums = {
+            key: (torch.zeros(current.numel(), dtype=torch.float64), torch.zeros(current.numel(), dtype=torch.float64))
+            for key, current in global_state.items()
+            if _sums_kept(current, rule)
+        }
+
+    def add(self, update: SubmodelUpdate) -> None:
+        """Fold one update into the sums."""
+        held = _Holders(self.global_state, self.spec, [update], self.calibrate)
+        (w,) = self.rule.weights([update.weight])
+        for key, (total, weight) in self._sums.items():
+            _fold(total, weight, *held.values(key, [1.0])[0], w)
+        self.count += 1
+
+    def result(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The fused global state (elements no update held keep their value), once: noise, drawn as
+        :func:`aggregate` draws it, is added to the sums."""
+        merged = {}
+        for key, current in self.global_state.items():
+            if key not in self._sums:
+                merged[key] = current.clone()
+                continue
+            total, weight = self._sums[key]
+            merged[key] = _as_global(current, _mean_of_sums(current, total, weight, self.rule.noise_std, generator))
+        return merged
+
+
+def _sums_kept(current: Tensor, rule: AggregationRule) -> bool:
+    """Whether the fused value of ``current`` is a mean over its holders (not: integer buffers under noise)."""
+    return not (rule.noise_std > 0 and not current.is_floating_point())
+
+
+def _as_global(current: Tensor, out: Tensor) -> Tensor:
+    """A fused flat float64 tensor in ``current``'s shape and dtype (integer buffers rounded)."""
+    if not current.is_floating_point():
+        out = out.round()
+    return out.view(current.shape).to(current.dtype)
 
 
 def aggregate_screened(
@@ -210,20 +266,21 @@ def _weighted_sums(
     total = torch.zeros(numel, dtype=torch.float64)
     weight = torch.zeros(numel, dtype=torch.float64)
     for (flat, values), w in zip(held, weights, strict=True):
-        total.index_add_(0, flat, values * w)
-        weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+        _fold(total, weight, flat, values, w)
     return total, weight
 
 
-def _weighted_mean(
-    current: Tensor,
-    held: Sequence[tuple[Tensor, Tensor]],
-    weights: Sequence[float],
-    noise_std: float = 0.0,
-    generator: torch.Generator | None = None,
+def _fold(total: Tensor, weight: Tensor, flat: Tensor, values: Tensor, w: float) -> None:
+    """Add one holder's weighted values and its weight at its flat positions."""
+    total.index_add_(0, flat, values * w)
+    weight.index_add_(0, flat, torch.full((flat.numel(),), float(w), dtype=torch.float64))
+
+
+def _mean_of_sums(
+    current: Tensor, total: Tensor, weight: Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
+    """Per element, the holders' weighted mean (noise added to the sum first); ``current`` where nobody held it."""
     numel = current.numel()
-    total, weight = _weighted_sums(numel, held, weights)
     if noise_std > 0:
         total += noise_std * torch.randn(numel, generator=generator, dtype=torch.float64)
     any_held = weight > 0

@@ -86,6 +86,12 @@ class AggregationRule:
         """True for plain overlap-aware averaging (example-weighted mean, no clipping)."""
         return self.statistic == "mean" and self.weighting == "examples" and self.clip == 0 and self.noise_std == 0 and not self.screen
 
+    @property
+    def streams(self) -> bool:
+        """True when updates can be fused one at a time (:class:`~.fusion.RunningMean`): a mean whose weights
+        and deltas do not depend on the round's other updates (no capped weights, no clipping, no screening)."""
+        return self.statistic == "mean" and self.weighting != "capped" and self.clip == 0 and not self.screen
+
     def weights(self, claims: Sequence[float]) -> list[float]:
         """The fusion weight of each reply, from the example counts the replies claim."""
         if self.weighting == "equal":

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -63,7 +64,8 @@ class InProcessGrid:
     """A Grid stand-in: every message goes to its node's ClientApp, in node order, in this process.
 
     Nodes are 1..n with partition ids 0..n-1; a ClientApp that raises answers
-    with an error reply, as Flower's engines do.
+    with an error reply, as Flower's engines do. Pushed messages are answered
+    when pulled, in node order.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
@@ -76,9 +78,23 @@ class InProcessGrid:
             )
             for node in range(1, num_nodes + 1)
         }  # fmt: skip
+        self.pushed: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Keep the messages to answer when pulled; their ids (given as Flower's Grid gives them)."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to the pushed messages named, answered now, in node order."""
+        return self.send_and_receive([self.pushed.pop(i) for i in message_ids if i in self.pushed])
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         replies = []

@@ -12,7 +12,8 @@ from flwr.app import Message
 from flwr.supercore import log
 
 from ..engine.groups import IndexPlan
-from ..protocol import METRICS, WEIGHT_KEY, message_array_bytes
+from ..protocol import WEIGHT_KEY, message_array_bytes
+from .replies import ReplySummary
 
 COST_METRICS = {
     "trained-params": "trained_params",
@@ -49,10 +50,10 @@ class RoundTraffic:
     started: float = field(default_factory=time.perf_counter)
 
 
-def participant_cost(reply: Message, bytes_down: int) -> dict[str, float]:
+def participant_cost(reply: ReplySummary, bytes_down: int) -> dict[str, float]:
     """One accepted participant's measured cost in this round."""
-    metrics = reply.content[METRICS]
-    cost = {"partition_id": int(metrics["partition-id"]), "bytes_down": bytes_down, "bytes_up": message_array_bytes(reply)}
+    metrics = reply.metrics
+    cost = {"partition_id": int(metrics["partition-id"]), "bytes_down": bytes_down, "bytes_up": reply.bytes_up}
     for metric, name in COST_METRICS.items():
         cost[name] = float(metrics[metric]) if metric in metrics else math.nan
     return cost
@@ -71,18 +72,18 @@ class TrafficMeter:
             sampled=len(messages), bytes_down=sum(sent_bytes.values()), sent_bytes=sent_bytes
         )
 
-    def received(self, server_round: int, accepted: Sequence[Message], failures: Sequence[str]) -> None:
+    def received(self, server_round: int, accepted: Sequence[ReplySummary], failures: Sequence[str]) -> None:
         """Record the accepted replies and the reasons others were left out."""
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
         traffic.costs = sorted(
-            (participant_cost(m, traffic.sent_bytes.get(m.metadata.src_node_id, 0)) for m in accepted),
+            (participant_cost(m, traffic.sent_bytes.get(m.node, 0)) for m in accepted),
             key=lambda c: c["partition_id"],
         )
         traffic.bytes_up = sum(int(c["bytes_up"]) for c in traffic.costs)
         traffic.participants = [int(c["partition_id"]) for c in traffic.costs]
         traffic.failures = list(failures)
-        weights = [float(m.content[METRICS][WEIGHT_KEY]) for m in accepted]
-        losses = [float(m.content[METRICS]["train-loss"]) for m in accepted]
+        weights = [float(m.metrics[WEIGHT_KEY]) for m in accepted]
+        losses = [float(m.metrics["train-loss"]) for m in accepted]
         if weights:
             traffic.train_loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
         for reason in failures:

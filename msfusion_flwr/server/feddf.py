@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
 import numpy as np
@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import DistillSettings
+from ..engine.fusion import SubmodelUpdate
 from ..engine.groups import SplitSpec
 from ..engine.policies import IndexPolicy
 from ..engine.slicing import plan_widths
-from ..protocol import ARRAYS
 from .distillation import ensemble_distillation, unlabeled_inputs
 from .nodes import Budgets
 from .strategy import SubmodelStrategy
@@ -59,13 +59,14 @@ class EnsembleDistillation(SubmodelStrategy):
         super().summary()
         log(INFO, "\t└── ensemble distillation on %d server examples: %s", len(self.server_inputs), self.distill)
 
-    def teachers(self, replies: Sequence[Message]) -> list[nn.Module]:
-        """Every reply's model at its own plan widths and rate."""
+    holds_updates = True  # the teachers are the round's accepted updates
+
+    def teachers(self, updates: Mapping[int, SubmodelUpdate]) -> list[nn.Module]:
+        """Every accepted update's model (node -> update) at its own plan widths and rate."""
         models = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            model = self.make_model(plan_widths(self._plans[node]), self._rates[node])
-            model.load_state_dict(reply.content[ARRAYS].to_torch_state_dict())
+        for node, update in updates.items():
+            model = self.make_model(plan_widths(update.plan), self._rates[node])
+            model.load_state_dict(update.state)
             models.append(model)
         return models
 

@@ -12,7 +12,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..data import one_line
-from ..protocol import ARRAYS, METRICS, WEIGHT_KEY
+from ..protocol import ARRAYS, METRICS, WEIGHT_KEY, message_array_bytes
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
@@ -140,12 +140,23 @@ def _check_reply(
     return check_metrics(metrics, partition_id, max_examples)
 
 
-def training_metrics(replies: Sequence[Message]) -> MetricRecord:
+@dataclass(frozen=True)
+class ReplySummary:
+    """What the server keeps of an accepted reply once its arrays are fused: its node, metrics and array bytes."""
+
+    node: int
+    metrics: MetricRecord
+    bytes_up: int
+
+    @classmethod
+    def of(cls, reply: Message) -> ReplySummary:
+        return cls(reply.metadata.src_node_id, reply.content[METRICS], message_array_bytes(reply))
+
+
+def training_metrics(replies: Sequence[ReplySummary]) -> MetricRecord:
     """Example-weighted mean of the replies' training metrics (:data:`TRAIN_METRICS` only, partition ids left out)."""
     records = [
-        RecordDict(
-            {METRICS: MetricRecord({k: v for k, v in r.content[METRICS].items() if k in TRAIN_METRICS and k != "partition-id"})}
-        )
+        RecordDict({METRICS: MetricRecord({k: v for k, v in r.metrics.items() if k in TRAIN_METRICS and k != "partition-id"})})
         for r in replies
     ]
     return aggregate_metricrecords(records, WEIGHT_KEY)

@@ -4,18 +4,22 @@ Same steps, in the same order, as ``flwr.serverapp.strategy.Strategy.start``
 (configure_train -> send_and_receive -> aggregate_train -> configure_evaluate
 -> send_and_receive -> aggregate_evaluate -> centralized evaluation), calling
 only the strategy's public methods, so it drives Flower's FedAvg unchanged as
-well as our strategies. Two additions: ``first_round`` (a resumed run starts
-after its checkpoint's round, and skips the initial evaluation) and
-``after_round``, called once a round is complete (the checkpoint hook).
+well as our strategies. Three additions: ``first_round`` (a resumed run starts
+after its checkpoint's round, and skips the initial evaluation),
+``after_round``, called once a round is complete (the checkpoint hook), and,
+for a strategy with ``receive_train(server_round, reply)``, train replies handed
+to it one by one as they are pulled (:func:`receive_each`) instead of held in
+one list until the last arrives.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
@@ -53,10 +57,14 @@ def run_rounds(
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
 
-        train_replies = grid.send_and_receive(
-            messages=strategy.configure_train(current_round, arrays, train_config, grid),
-            timeout=timeout,
-        )
+        train_messages = strategy.configure_train(current_round, arrays, train_config, grid)
+        receive = getattr(strategy, "receive_train", None)
+        if receive is None:
+            train_replies = grid.send_and_receive(messages=train_messages, timeout=timeout)
+        else:
+            receive_each(grid, train_messages, timeout, functools.partial(receive, current_round))
+            train_replies = []
+        del train_messages
         agg_arrays, agg_train_metrics = strategy.aggregate_train(current_round, train_replies)
         if agg_arrays is not None:
             arrays = agg_arrays
@@ -81,3 +89,25 @@ def run_rounds(
     log(INFO, "")
     log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
     return arrays
+
+
+PULL_INTERVAL = 0.1
+"""Seconds between two pulls for replies (Flower's in-memory Grid waits as long between its own)."""
+
+
+def receive_each(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> None:
+    """``Grid.send_and_receive``, but each reply goes to ``on_reply`` as soon as a pull returns it.
+
+    Pushes ``messages``, then pulls the replies to them until every one has
+    arrived or ``timeout`` seconds have passed, as Flower's own loop does; the
+    replies are not kept here.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.time() + timeout
+    while pending:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            on_reply(reply)
+        if not pending or time.time() >= deadline:
+            return
+        time.sleep(PULL_INTERVAL)

@@ -4,8 +4,9 @@
 baselines differ only in their index policy): it plans one sub-model per
 sampled participant at that participant's budget, sends each one its own
 message with only its slices, checks every reply against the plan sent to that
-node (:mod:`.replies`), and fuses the replies with overlap-aware aggregation
-(:mod:`msfusion_flwr.engine.fusion`). ``MeteredFedAvg`` is Flower's FedAvg,
+node (:mod:`.replies`) as it arrives, and fuses the replies with overlap-aware
+aggregation (:mod:`msfusion_flwr.engine.fusion`), folded into running sums
+as they arrive where the rule allows (:mod:`.folding`). ``MeteredFedAvg`` is Flower's FedAvg,
 unchanged, with the same per-round accounting (:mod:`.accounting`). FedDF's
 subclass lives in :mod:`.feddf`.
 """
@@ -16,9 +17,17 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
+from typing import ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
@@ -30,11 +39,20 @@ from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import BudgetError, IndexPolicy, PlanRequest
 from ..engine.robust import AggregationRule
 from ..engine.slicing import slice_state
-from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, WEIGHT_KEY, encode_plan
+from ..protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    PLAN,
+    SERVER_ROUND,
+    SPLIT_RATE,
+    encode_plan,
+)
 from .accounting import TrafficMeter
+from .folding import RoundFold
 from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
 from .privacy import noise_generator
-from .replies import TRAIN_METRICS, check_reply, training_metrics
+from .replies import TRAIN_METRICS, ReplySummary, check_reply, training_metrics
 
 
 class SubmodelStrategy(Strategy):
@@ -47,7 +65,15 @@ class SubmodelStrategy(Strategy):
     rule: :mod:`msfusion_flwr.engine.robust`). With ``calibrate``
     (``output-scaling = "calibrated"``) the engine keeps the output layer on
     the slices' scale.
+
+    Replies reach the round's :class:`~.folding.RoundFold` one by one through
+    :meth:`receive_train` as the round loop pulls them
+    (:func:`~.rounds.run_rounds`), or all at once through
+    :meth:`aggregate_train`; either way they are fused in rank order.
     """
+
+    holds_updates: ClassVar[bool] = False
+    """Whether the strategy needs the round's accepted updates after fusing them (they are then held, not folded)."""
 
     def __init__(
         self,
@@ -77,7 +103,8 @@ class SubmodelStrategy(Strategy):
         self._plans: dict[int, IndexPlan] = {}
         self._rates: dict[int, float] = {}
         self._expected: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {}
-        self._accepted: list[Message] = []
+        self._fold: RoundFold | None = None
+        self._accepted: dict[int, SubmodelUpdate] = {}
         self.max_examples = math.inf
         """The most examples a reply may claim (the run's training examples, set before round 1 when the server knows them)."""
 
@@ -165,43 +192,55 @@ class SubmodelStrategy(Strategy):
             )
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.meter.sent(server_round, messages)
+        self._fold = RoundFold(
+            server_round, self._global, self.spec, self._plans, self._expected, self.nodes, self.rule,
+            self.calibrate, self.max_examples, hold=self.holds_updates,
+        )  # fmt: skip
         return messages
+
+    def receive_train(self, server_round: int, reply: Message) -> None:
+        """Check one reply of the round as it arrives, and fold it into the round's sums where the rule allows."""
+        self._round_fold(server_round).add(reply)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Overlap-aware aggregation of the replies that match their plans (kept in ``_accepted``).
+        """Overlap-aware aggregation of the replies that match their plans: those given here and those
+        :meth:`receive_train` took (the accepted updates are kept in ``_accepted`` where the strategy holds them).
 
-        Replies are taken in rank order, not arrival order, so the float sums
+        Replies are fused in rank order, not arrival order, so the float sums
         (and the run) are reproducible.
         """
-        ordered = sorted(replies, key=lambda r: self.nodes.rank_key(r.metadata.src_node_id))
-        accepted, failures = screen_replies(ordered, self._expected, self.nodes, self.max_examples)
+        fold = self._round_fold(server_round)
+        self._fold = None
+        for reply in replies:
+            fold.add(reply)
+        accepted, failures = fold.close()
         self.meter.received(server_round, accepted, failures)
-        self.meter.rounds[server_round].plans = [self._plans[r.metadata.src_node_id] for r in accepted]
-        self._accepted = accepted
+        self.meter.rounds[server_round].plans = [self._plans[r.node] for r in accepted]
+        self._accepted = fold.updates()
         if not accepted:
             return None, None
-        updates = [
-            SubmodelUpdate(
-                plan=self._plans[r.metadata.src_node_id],
-                state=r.content[ARRAYS].to_torch_state_dict(),
-                weight=float(r.content[METRICS][WEIGHT_KEY]),
-            )
-            for r in accepted
-        ]
-        if self.rule.screen:
+        noise = noise_generator() if self.rule.noise_std > 0 else None
+        if fold.running is not None:
+            merged = fold.running.result(noise)
+        elif self.rule.screen:
+            updates = list(self._accepted.values())
             merged, dropped = aggregate_screened(self._global, self.spec, updates, self.calibrate, self.rule)
             if dropped:
-                names = [self.nodes.describe(accepted[k].metadata.src_node_id) for k in dropped]
+                names = [self.nodes.describe(accepted[k].node) for k in dropped]
                 log(INFO, "round %d: screened out (update against the round's consensus): %s", server_round, "; ".join(names))
                 traffic = self.meter.rounds[server_round]
                 traffic.plans = [u.plan for k, u in enumerate(updates) if k not in dropped]
-                traffic.screened = [int(accepted[k].content[METRICS]["partition-id"]) for k in dropped]
+                traffic.screened = [int(accepted[k].metrics["partition-id"]) for k in dropped]
         else:
-            noise = noise_generator() if self.rule.noise_std > 0 else None
-            merged = aggregate(self._global, self.spec, updates, self.calibrate, self.rule, noise)
+            merged = aggregate(self._global, self.spec, list(self._accepted.values()), self.calibrate, self.rule, noise)
         return ArrayRecord(merged), training_metrics(accepted)
+
+    def _round_fold(self, server_round: int) -> RoundFold:
+        if self._fold is None or self._fold.server_round != server_round:
+            raise RuntimeError(f"round {server_round}: replies before configure_train planned the round")
+        return self._fold
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -261,7 +300,7 @@ class MeteredFedAvg(FedAvg):
         Flower's FedAvg requires.
         """
         accepted, failures = screen_replies(list(replies), self._expected, self.nodes, self.max_examples)
-        self.meter.received(server_round, accepted, failures)
+        self.meter.received(server_round, [ReplySummary.of(r) for r in accepted], failures)
         common = set(TRAIN_METRICS).intersection(*(r.content[METRICS].keys() for r in accepted)) if accepted else set()
         for reply in accepted:
             metrics = reply.content[METRICS]
