@@ -5,16 +5,22 @@ Runs the real strategy (``make_strategy``) through the real round loop
 answer at once with the slice they were sent plus noise (honest, well-formed
 replies): what is left is the server's own work (planning, slicing, checking,
 fusing) and its memory. Replies arrive ``--per-pull`` at a time, one batch per
-pull, in reverse rank order (the worst case for a fold that fuses in rank
-order); a revision whose round loop uses ``send_and_receive`` gets them all in
-one list, as Flower's Grid returns them.
+pull, in the order ``--arrival`` says: ``rank`` (the order the messages were
+pushed, as Flower's simulation engine roughly answers them), ``random`` (a
+seeded shuffle, as real devices of different speeds might) or ``reverse`` (the
+worst case for a fold that fuses in rank order: every update waits for rank
+0); a revision whose round loop uses ``send_and_receive`` gets them all in one
+list, as Flower's Grid returns them.
 
     .venv/bin/python scripts/server_memory.py --participants 100
     PYTHONPATH=/path/to/older/checkout .venv/bin/python scripts/server_memory.py --participants 100   # before
 
-Prints one line: participants, model, split ratio, rounds, seconds per round,
-peak RSS of the process (MiB; ``ru_maxrss``, so run each configuration in its
-own process) and the RSS before the first round.
+Prints one line: participants, model, split ratio, rounds, seconds per round
+(all of it, the stand-in's replies included), the seconds per round spent in
+the strategy's own methods (planning and slicing in ``configure_train``,
+checking and fusing in ``receive_train`` and ``aggregate_train``: the server's
+work), peak RSS of the process (MiB; ``ru_maxrss``, so run each configuration
+in its own process) and the RSS before the first round.
 """
 
 from __future__ import annotations
@@ -54,9 +60,9 @@ def answer(message: Message, rng: np.random.Generator) -> Message:
 class AnsweringGrid(LoopbackGrid):
     """Loopback nodes (partition id = node id) that answer train messages at once; queries as LoopbackGrid."""
 
-    def __init__(self, num_nodes: int, per_pull: int) -> None:
+    def __init__(self, num_nodes: int, per_pull: int, arrival: str) -> None:
         super().__init__(num_nodes)
-        self.per_pull = per_pull
+        self.per_pull, self.arrival = per_pull, arrival
         self.rng = np.random.default_rng(0)
         self.pushed: list[Message] = []
 
@@ -67,7 +73,11 @@ class AnsweringGrid(LoopbackGrid):
         return [answer(m, self.rng) for m in messages]
 
     def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        self.pushed = sorted(messages, key=lambda m: -m.metadata.dst_node_id)
+        self.pushed = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        if self.arrival == "reverse":
+            self.pushed.reverse()
+        elif self.arrival == "random":
+            self.rng.shuffle(self.pushed)
         for k, message in enumerate(self.pushed):
             message.metadata.__dict__["_message_id"] = f"m{k}"
         return [m.metadata.message_id for m in self.pushed]
@@ -75,6 +85,25 @@ class AnsweringGrid(LoopbackGrid):
     def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
         batch, self.pushed = self.pushed[: self.per_pull], self.pushed[self.per_pull :]
         return [answer(m, self.rng) for m in batch]
+
+
+def timed(strategy: object, names: tuple[str, ...]) -> list[float]:
+    """Wrap the strategy's methods ``names`` (those it has) so that their wall time adds up in the list returned."""
+    spent = [0.0]
+    for name in names:
+        method = getattr(strategy, name, None)
+        if method is None:
+            continue
+
+        def wrapper(*args, _method=method, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(strategy, name, wrapper)
+    return spent
 
 
 def main() -> None:
@@ -85,6 +114,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--per-pull", type=int, default=4)
     parser.add_argument("--method", default="msfusion")
+    parser.add_argument("--arrival", choices=("rank", "random", "reverse"), default="rank")
     args = parser.parse_args()
     config = RunConfig.from_mapping(
         {"method": args.method, "model": args.model, "split-ratio": args.split_ratio, "min-available-nodes": args.participants}
@@ -94,7 +124,8 @@ def main() -> None:
     strategy = make_strategy(config, SplitSpec.from_model(model))
     arrays = ArrayRecord(strategy.initial_state(model.state_dict()))
     del model
-    grid = AnsweringGrid(args.participants, args.per_pull)
+    grid = AnsweringGrid(args.participants, args.per_pull, args.arrival)
+    spent = timed(strategy, ("configure_train", "receive_train", "aggregate_train"))
     before = rss_mib()
     start = time.perf_counter()
     run_rounds(strategy, grid, arrays, args.rounds, timeout=3600.0, train_config=client_config(config))
@@ -102,8 +133,9 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     failures = sum(len(t.failures) for t in strategy.meter.rounds.values())
     print(
-        f"participants {args.participants}, {args.model} at r = {args.split_ratio:g}, {args.rounds} rounds: "
-        f"{per_round:.2f} s per round, peak RSS {peak:.0f} MiB (before round 1: {before:.0f} MiB), failures {failures}"
+        f"participants {args.participants}, {args.model} at r = {args.split_ratio:g}, {args.rounds} rounds, "
+        f"{args.arrival} arrival: "
+        f"{per_round:.2f} s per round ({spent[0] / args.rounds:.2f} s in the strategy), peak RSS {peak:.0f} MiB (before round 1: {before:.0f} MiB), failures {failures}"
     )
 
 
