@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--per-pull", type=int, default=4)
     parser.add_argument("--method", default="msfusion")
     parser.add_argument("--arrival", choices=("rank", "random", "reverse"), default="rank")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     config = RunConfig.from_mapping(
         {"method": args.method, "model": args.model, "split-ratio": args.split_ratio, "min-available-nodes": args.participants}
     )
