@@ -24,7 +24,7 @@ over the rank-ordered updates.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,24 @@ from ..engine.robust import AggregationRule
 from ..protocol import ARRAYS, METRICS, WEIGHT_KEY
 from .nodes import NodeDirectory
 from .replies import ReplySummary, check_reply
+
+
+def reply_problem(
+    reply: Message, expected: Mapping[int, Mapping[str, tuple[tuple[int, ...], str]]], nodes: NodeDirectory, max_examples: float
+) -> str | None:
+    """Why ``reply`` must be left out, or None: :func:`~.replies.check_reply` against the arrays sent to its node
+    (``expected``: node -> name -> shape, dtype) and the partition id the node declared; "not sampled" from any other node."""
+    node = reply.metadata.src_node_id
+    if node not in expected:
+        return "not sampled"
+    profile = nodes.profiles.get(node)
+    return check_reply(reply, expected[node], None if profile is None else profile.partition_id, max_examples)
+
+
+def silence(nodes: NodeDirectory, missing: Sequence[int]) -> list[str]:
+    """One line per sampled node that did not reply in time."""
+    timeout = "" if nodes.query_timeout is None else f" ({nodes.query_timeout:g} s)"
+    return [f"{nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
 
 
 @dataclass
@@ -77,11 +95,7 @@ class RoundFold:
         if node in self.accepted or node in self.failures:
             self.repeats.append(f"{self.nodes.describe(node)}: a second reply in this round")
             return
-        reason = "not sampled"
-        if node in self.expected:
-            profile = self.nodes.profiles.get(node)
-            partition_id = None if profile is None else profile.partition_id
-            reason = check_reply(reply, self.expected[node], partition_id, self.max_examples)
+        reason = reply_problem(reply, self.expected, self.nodes, self.max_examples)
         if reason is not None:
             self.failures[node] = f"{self.nodes.describe(node)}: {reason}"
         else:
@@ -94,11 +108,9 @@ class RoundFold:
         """Fold what is left, in rank order; the accepted replies in rank order, and why others were left out
         (in rank order, then every sampled node that did not reply)."""
         self._fold_ready(until=len(self._order))
-        timeout = "" if self.nodes.query_timeout is None else f" ({self.nodes.query_timeout:g} s)"
         missing = [n for n in self._order if n not in self.accepted and n not in self.failures]
         failures = [self.failures[n] for n in sorted(self.failures, key=self.nodes.rank_key)] + self.repeats
-        failures += [f"{self.nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
-        return [self.accepted[n] for n in self._order if n in self.accepted], failures
+        return [self.accepted[n] for n in self._order if n in self.accepted], failures + silence(self.nodes, missing)
 
     def updates(self) -> dict[int, SubmodelUpdate]:
         """The held updates by node, in rank order (every accepted one where the fold holds them)."""

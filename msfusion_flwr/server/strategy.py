@@ -20,14 +20,7 @@ from logging import INFO
 from typing import ClassVar
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
@@ -39,20 +32,12 @@ from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import BudgetError, IndexPolicy, PlanRequest
 from ..engine.robust import AggregationRule
 from ..engine.slicing import slice_state
-from ..protocol import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    PLAN,
-    SERVER_ROUND,
-    SPLIT_RATE,
-    encode_plan,
-)
+from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, SERVER_ROUND, SPLIT_RATE, encode_plan
 from .accounting import TrafficMeter
-from .folding import RoundFold
+from .folding import RoundFold, reply_problem, silence
 from .nodes import Budgets, NodeDirectory, NodeProfile, wait_for_nodes
 from .privacy import noise_generator
-from .replies import TRAIN_METRICS, ReplySummary, check_reply, training_metrics
+from .replies import TRAIN_METRICS, ReplySummary, training_metrics
 
 
 class SubmodelStrategy(Strategy):
@@ -320,18 +305,12 @@ def screen_replies(
     ``expected`` maps each sampled node to the arrays it was sent (name ->
     shape, dtype); a reply from any other node is left out as not sampled.
     """
-    accepted, failures, replied = [], [], set()
+    accepted, failures = [], []
     for reply in replies:
-        node = reply.metadata.src_node_id
-        replied.add(node)
-        profile = nodes.profiles.get(node)
-        partition_id = None if profile is None else profile.partition_id
-        reason = check_reply(reply, expected[node], partition_id, max_examples) if node in expected else "not sampled"
+        reason = reply_problem(reply, expected, nodes, max_examples)
         if reason is None:
             accepted.append(reply)
         else:
-            failures.append(f"{nodes.describe(node)}: {reason}")
-    timeout = "" if nodes.query_timeout is None else f" ({nodes.query_timeout:g} s)"
-    missing = sorted(set(expected) - replied, key=nodes.rank_key)
-    failures += [f"{nodes.describe(n)}: no reply within the round timeout{timeout}" for n in missing]
-    return accepted, failures
+            failures.append(f"{nodes.describe(reply.metadata.src_node_id)}: {reason}")
+    replied = {reply.metadata.src_node_id for reply in replies}
+    return accepted, failures + silence(nodes, sorted(set(expected) - replied, key=nodes.rank_key))
