@@ -107,7 +107,7 @@ class RoundFold:
     def close(self) -> tuple[list[ReplySummary], list[str]]:
         """Fold what is left, in rank order; the accepted replies in rank order, and why others were left out
         (in rank order, then every sampled node that did not reply)."""
-        self._fold_ready(until=len(self._order))
+        self._fold_ready(every_rank=True)
         missing = [n for n in self._order if n not in self.accepted and n not in self.failures]
         failures = [self.failures[n] for n in sorted(self.failures, key=self.nodes.rank_key)] + self.repeats
         return [self.accepted[n] for n in self._order if n in self.accepted], failures + silence(self.nodes, missing)
@@ -116,13 +116,13 @@ class RoundFold:
         """The held updates by node, in rank order (every accepted one where the fold holds them)."""
         return {n: self.held[n] for n in self._order if n in self.held}
 
-    def _fold_ready(self, until: int | None = None) -> None:
-        """Fold, in rank order, the updates of every rank up to the first unresolved one (or up to ``until``)."""
+    def _fold_ready(self, every_rank: bool = False) -> None:
+        """Fold, in rank order, the updates of every rank up to the first unresolved one (``every_rank``: all)."""
         if self.running is None:
             return
         while self._next < len(self._order):
             node = self._order[self._next]
-            if until is None and node not in self.accepted and node not in self.failures:
+            if not every_rank and node not in self.accepted and node not in self.failures:
                 return
             if node in self.held:
                 self.running.add(self.held.pop(node))
