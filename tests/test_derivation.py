@@ -30,7 +30,7 @@ from msfusion_flwr.models.derived import (
     parameters_on_meta,
     transformers_architecture,
 )
-from msfusion_flwr.models.language import HEAD_DIM, NUM_LAYERS, GPT2LM, register_conv1d_pruner
+from msfusion_flwr.models.language import GPT2LM, HEAD_DIM, NUM_LAYERS, register_conv1d_pruner
 
 GPT2 = "model.transformer"
 
