@@ -148,13 +148,13 @@ def test_a_second_reply_from_a_node_is_left_out():
 
 
 class TrickleGrid:
-    """Answers pushed messages a few at a time, in reverse order, one batch per pull; never answers node 0."""
+    """Answers pushed messages a few at a time, in reverse order, one batch per pull; never answers the ``silent`` nodes."""
 
-    def __init__(self, replies: dict[int, Message], batch: int) -> None:
-        self.replies, self.batch, self.pending, self.pulls = replies, batch, [], 0
+    def __init__(self, replies: dict[int, Message], batch: int, silent: set[int] = frozenset({0})) -> None:
+        self.replies, self.batch, self.silent, self.pending, self.pulls = replies, batch, silent, [], 0
 
     def push_messages(self, messages):
-        self.pending = sorted((m for m in messages if m.metadata.dst_node_id != 0), key=lambda m: -m.metadata.dst_node_id)
+        self.pending = sorted((m for m in messages if m.metadata.dst_node_id not in self.silent), key=lambda m: -m.metadata.dst_node_id)
         return [f"id-{m.metadata.dst_node_id}" for m in messages]
 
     def pull_messages(self, message_ids):
@@ -177,3 +177,12 @@ def test_receive_each_hands_over_each_reply_as_it_is_pulled_and_stops_at_the_tim
     receive_each(grid, messages, timeout=1.0, on_reply=lambda r: seen.append((grid.pulls, r.metadata.src_node_id)))
     assert seen == [(1, 5), (1, 4), (2, 3), (2, 2), (3, 1)]  # as pulled, node 0 never
     assert 1.0 <= time.time() - start < 3.0  # waited for node 0 until the timeout, no longer
+
+
+
+def test_receive_each_without_a_timeout_waits_for_every_reply():
+    _, messages, _ = planned({})
+    replies = {r.metadata.src_node_id: r for r in replies_to(messages, 7)}
+    seen: list[int] = []
+    receive_each(TrickleGrid(replies, batch=4, silent=set()), messages, timeout=None, on_reply=lambda r: seen.append(r.metadata.src_node_id))
+    assert seen == [5, 4, 3, 2, 1, 0]

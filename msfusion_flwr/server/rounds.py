@@ -15,6 +15,7 @@ one list until the last arrives.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO
@@ -95,15 +96,17 @@ PULL_INTERVAL = 0.1
 """Seconds between two pulls for replies (Flower's in-memory Grid waits as long between its own)."""
 
 
-def receive_each(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> None:
+def receive_each(
+    grid: Grid, messages: Iterable[Message], timeout: float | None, on_reply: Callable[[Message], None]
+) -> None:
     """``Grid.send_and_receive``, but each reply goes to ``on_reply`` as soon as a pull returns it.
 
     Pushes ``messages``, then pulls the replies to them until every one has
-    arrived or ``timeout`` seconds have passed, as Flower's own loop does; the
-    replies are not kept here.
+    arrived or ``timeout`` seconds have passed (None: no limit), as Flower's own
+    loop does; the replies are not kept here.
     """
     pending = set(grid.push_messages(messages))
-    deadline = time.time() + timeout
+    deadline = math.inf if timeout is None else time.time() + timeout
     while pending:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
