@@ -207,7 +207,7 @@ def register_transformers_rules() -> None:
 
 def register_conv1d_pruner() -> None:
     """Teach derivation (Torch-Pruning) ``Conv1D``: imported here, not at module load, because a device
-    that trains a declared model never traces one."""
+    never traces a model (the server derives the groups)."""
     from torch_pruning.pruner.function import BasePruningFunc
     from transformers.pytorch_utils import Conv1D
 
