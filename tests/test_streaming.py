@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Collection
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_a_second_reply_from_a_node_is_left_out():
 class TrickleGrid:
     """Answers pushed messages a few at a time, in reverse order, one batch per pull; never answers the ``silent`` nodes."""
 
-    def __init__(self, replies: dict[int, Message], batch: int, silent: set[int] = frozenset({0})) -> None:
+    def __init__(self, replies: dict[int, Message], batch: int, silent: Collection[int] = frozenset({0})) -> None:
         self.replies, self.batch, self.silent, self.pending, self.pulls = replies, batch, silent, [], 0
 
     def push_messages(self, messages):
@@ -177,7 +178,6 @@ def test_receive_each_hands_over_each_reply_as_it_is_pulled_and_stops_at_the_tim
     receive_each(grid, messages, timeout=1.0, on_reply=lambda r: seen.append((grid.pulls, r.metadata.src_node_id)))
     assert seen == [(1, 5), (1, 4), (2, 3), (2, 2), (3, 1)]  # as pulled, node 0 never
     assert 1.0 <= time.time() - start < 3.0  # waited for node 0 until the timeout, no longer
-
 
 
 def test_receive_each_without_a_timeout_waits_for_every_reply():
