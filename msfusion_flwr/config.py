@@ -122,6 +122,8 @@ class FederationSettings:
     """Seconds the server waits for a round's replies (and for profile queries)."""
     node_wait_timeout: float = 60.0
     """Seconds the server waits for ``min_available_nodes`` nodes before giving up, at start and before each round."""
+    messages_in_flight: int = 0
+    """The most train messages awaiting a reply at a time (0: a round's messages all at once)."""
     max_failed_rounds: int = 3
     """Stop the run after this many rounds in a row in which no participant's update was accepted (0: never)."""
     eval_every: int = 1
@@ -345,6 +347,7 @@ KEYS: dict[str, Key] = {
     "dp-delta": _key("privacy", "delta", _number(0.0, 1.0, True, True)),
     "round-timeout": _key("federation", "round_timeout", _number(0.0, INF, True, True)),
     "node-wait-timeout": _key("federation", "node_wait_timeout", _number(0.0, INF, True, True)),
+    "messages-in-flight": _key("federation", "messages_in_flight", _integer(0)),
     "max-failed-rounds": _key("federation", "max_failed_rounds", _integer(0)),
     "eval-every": _key("federation", "eval_every", _integer(1)),
     "data-dir": _key("data", "data_dir", _string()),

@@ -72,7 +72,7 @@ def current_keys(config: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
+TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s", "server_s")
 
 
 ADDED_COLUMNS = ("coverage", "dp_epsilon", "screened_out")

@@ -10,9 +10,12 @@ pushed, as Flower's simulation engine roughly answers them), ``random`` (a
 seeded shuffle, as real devices of different speeds might) or ``reverse`` (the
 worst case for a fold that fuses in rank order: every update waits for rank
 0); a revision whose round loop uses ``send_and_receive`` gets them all in one
-list, as Flower's Grid returns them.
+list, as Flower's Grid returns them. ``--in-flight N`` sends the messages in
+waves (``messages-in-flight``): a message pushed later is answered after those
+pushed before it.
 
     .venv/bin/python scripts/server_memory.py --participants 100
+    .venv/bin/python scripts/server_memory.py --participants 100 --in-flight 8
     PYTHONPATH=/path/to/older/checkout .venv/bin/python scripts/server_memory.py --participants 100   # before
 
 Prints one line: participants, model, split ratio, rounds, seconds per round
@@ -73,14 +76,15 @@ class AnsweringGrid(LoopbackGrid):
         return [answer(m, self.rng) for m in messages]
 
     def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        self.pushed = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        batch = sorted(messages, key=lambda m: m.metadata.dst_node_id)
         if self.arrival == "reverse":
-            self.pushed.reverse()
+            batch.reverse()
         elif self.arrival == "random":
-            self.rng.shuffle(self.pushed)
-        for k, message in enumerate(self.pushed):
-            message.metadata.__dict__["_message_id"] = f"m{k}"
-        return [m.metadata.message_id for m in self.pushed]
+            self.rng.shuffle(batch)
+        for message in batch:
+            message.metadata.__dict__["_message_id"] = f"m{message.metadata.dst_node_id}"
+        self.pushed += batch  # answered after the messages pushed before them (a push in waves queues behind)
+        return [m.metadata.message_id for m in batch]
 
     def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
         batch, self.pushed = self.pushed[: self.per_pull], self.pushed[self.per_pull :]
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--method", default="msfusion")
     parser.add_argument("--arrival", choices=("rank", "random", "reverse"), default="rank")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared machine)")
+    parser.add_argument("--in-flight", type=int, default=0, help="messages-in-flight (0: every message at once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = RunConfig.from_mapping(
@@ -130,13 +135,13 @@ def main() -> None:
     spent = timed(strategy, ("configure_train", "receive_train", "aggregate_train"))
     before = rss_mib()
     start = time.perf_counter()
-    run_rounds(strategy, grid, arrays, args.rounds, timeout=3600.0, train_config=client_config(config))
+    run_rounds(strategy, grid, arrays, args.rounds, timeout=3600.0, train_config=client_config(config), messages_in_flight=args.in_flight)
     per_round = (time.perf_counter() - start) / args.rounds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     failures = sum(len(t.failures) for t in strategy.meter.rounds.values())
     print(
         f"participants {args.participants}, {args.model} at r = {args.split_ratio:g}, {args.rounds} rounds, "
-        f"{args.arrival} arrival: "
+        f"{args.arrival} arrival, {args.in_flight or 'all'} in flight: "
         f"{per_round:.2f} s per round ({spent[0] / args.rounds:.2f} s in the strategy), peak RSS {peak:.0f} MiB (before round 1: {before:.0f} MiB), failures {failures}"
     )
 

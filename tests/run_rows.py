@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s")
+TIMING = ("wall_s", "elapsed_s", "train_time_s", "time_s", "server_s")
 
 
 def strip_timing(value: Any) -> Any:

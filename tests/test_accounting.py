@@ -125,11 +125,11 @@ def test_round_and_cumulative_aggregates():
     """Per-round sums/maxima and per-participant cumulative totals of hand-made costs."""
     nan = math.nan
     round1 = [
-        {"partition_id": 0, "bytes_down": 10, "bytes_up": 10, "flops": 100.0, "train_time_s": 1.0, "trained_params": 5, "peak_memory_bytes": 50},
-        {"partition_id": 1, "bytes_down": 30, "bytes_up": 30, "flops": 300.0, "train_time_s": 2.0, "trained_params": 9, "peak_memory_bytes": 70},
+        {"partition_id": 0, "bytes_down": 10, "bytes_up": 10, "flops": 100.0, "train_time_s": 1.0, "handler_time_s": 1.5, "trained_params": 5, "peak_memory_bytes": 50},
+        {"partition_id": 1, "bytes_down": 30, "bytes_up": 30, "flops": 300.0, "train_time_s": 2.0, "handler_time_s": 2.5, "trained_params": 9, "peak_memory_bytes": 70},
     ]
     round2 = [
-        {"partition_id": 0, "bytes_down": 10, "bytes_up": 10, "flops": 250.0, "train_time_s": nan, "trained_params": 5, "peak_memory_bytes": 40},
+        {"partition_id": 0, "bytes_down": 10, "bytes_up": 10, "flops": 250.0, "train_time_s": nan, "handler_time_s": 1.0, "trained_params": 5, "peak_memory_bytes": 40},
     ]
     summary = summarize_costs(round1)
     assert summary["flops_sum"] == 400 and summary["flops_max"] == 300
@@ -141,5 +141,10 @@ def test_round_and_cumulative_aggregates():
     assert after["cum_flops"] == 650
     assert after["cum_flops_per_participant_max"] == 350  # participant 0: 100 + 250
     assert after["cum_train_time_s"] == 3.0  # a missing measurement adds nothing
-    assert summarize_costs([]) == {**{f"{k}_sum": 0 for k in ("bytes_down", "bytes_up", "flops", "train_time_s")},
-                                   **{f"{k}_max": 0.0 for k in ("bytes_down", "bytes_up", "flops", "train_time_s", "trained_params", "peak_memory_bytes")}}
+    assert after["cum_handler_time_s"] == 5.0 and after["cum_handler_time_s_per_participant_max"] == 2.5
+    resumed = CumulativeCosts()  # totals from a checkpoint written before handler_time_s was measured
+    resumed.totals = {0: {"bytes_down": 10.0, "bytes_up": 10.0, "flops": 100.0, "train_time_s": 1.0}}
+    assert resumed.add(round2)["cum_handler_time_s"] == 1.0
+    summed = ("bytes_down", "bytes_up", "flops", "train_time_s", "handler_time_s")
+    assert summarize_costs([]) == {**{f"{k}_sum": 0 for k in summed},
+                                   **{f"{k}_max": 0.0 for k in (*summed, "trained_params", "peak_memory_bytes")}}

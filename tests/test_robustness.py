@@ -54,9 +54,11 @@ def faulty_client_app() -> ClientApp:
 
 
 def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(tmp_path):
-    """Six faulty replies are rejected, each named; only the honest slice changes the global model."""
+    """Six faulty replies are rejected, each named; only the honest slice changes the global model.
+
+    The messages go out in waves of 3 (``messages-in-flight``) through Flower's simulation engine's Grid."""
     out = run_experiment(
-        {**QUICK, "min-available-nodes": 7, "output-dir": str(tmp_path / "run")},
+        {**QUICK, "min-available-nodes": 7, "messages-in-flight": 3, "output-dir": str(tmp_path / "run")},
         num_supernodes=7,
         client_app=faulty_client_app(),
     )

@@ -42,7 +42,7 @@ def test_msfusion_simulation_learns_and_writes_outputs(tmp_path):
         assert row["failures"] == []
         assert 0 < row["bytes_down"] <= 0.10 * per_participant_full * 4
         assert row["bytes_up"] == row["bytes_down"]
-        assert row["wall_s"] > 0
+        assert 0 < row["server_s"] < row["wall_s"]  # the strategy's own work, measured, is part of the round
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["split-ratio"] == 0.25 and config["method"] == "msfusion"
     state = torch.load(out / MODEL_FILE)

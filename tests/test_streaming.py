@@ -21,13 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_reply_fuzz import WIDTHS, honest_metrics, reply_to
 
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import ConfigError, RunConfig
 from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate
 from msfusion_flwr.experiments.loopback import LoopbackGrid
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, client_config
 from msfusion_flwr.server.methods import make_strategy
-from msfusion_flwr.server.rounds import receive_each
+from msfusion_flwr.server.rounds import receive_each, run_rounds
 
 NODES = 6
 RULES = {  # run-config keys -> a rule that streams or one that needs the whole round
@@ -186,3 +186,100 @@ def test_receive_each_without_a_timeout_waits_for_every_reply():
     seen: list[int] = []
     receive_each(TrickleGrid(replies, batch=4, silent=set()), messages, timeout=None, on_reply=lambda r: seen.append(r.metadata.src_node_id))
     assert seen == [5, 4, 3, 2, 1, 0]
+
+
+def answer(message: Message, seed: int) -> Message:
+    """An honest reply to ``message``, the same whenever it is made: the slice plus noise seeded by (seed, node)."""
+    node = message.metadata.dst_node_id
+    rng = np.random.default_rng([seed, node])
+    sent = {k: a.numpy() for k, a in message.content.array_records[ARRAYS].items()}
+    arrays = {k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in sent.items()}
+    return reply_to(message, arrays, honest_metrics(node) | {"num-examples": float(10 + 7 * node)})
+
+
+class WaveGrid(LoopbackGrid):
+    """Loopback nodes that answer pushed train messages in push order, ``batch`` per pull (never the ``silent``
+    ones); records, at every push, how many messages were pushed and not answered, and how many the strategy had
+    built (``built``: a callable), to show that messages are built only as they are pushed."""
+
+    def __init__(self, batch: int, built=lambda: 0, silent: Collection[int] = frozenset(), seed: int = 0) -> None:
+        super().__init__(NODES)
+        self.batch, self.built, self.silent, self.seed = batch, built, silent, seed
+        self.queue: list[Message] = []
+        self.unanswered = 0
+        self.pushes: list[tuple[int, int, int]] = []  # (messages in this push, unanswered after it, built by then)
+        self.pushed_nodes: list[int] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"id-{message.metadata.dst_node_id}"
+            self.pushed_nodes.append(message.metadata.dst_node_id)
+            if message.metadata.dst_node_id not in self.silent:
+                self.queue.append(message)
+        self.unanswered += len(messages)
+        self.pushes.append((len(messages), self.unanswered, self.built()))
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        out, self.queue = self.queue[: self.batch], self.queue[self.batch :]
+        self.unanswered -= len(out)
+        return [answer(m, self.seed) for m in out]
+
+
+def run_with(overrides: dict, in_flight: int, rounds: int = 2) -> tuple[dict[str, torch.Tensor], WaveGrid, object]:
+    """``rounds`` rounds of the real round loop against a WaveGrid; the final global state, the grid, the strategy."""
+    config = RunConfig.from_mapping({"method": "msfusion", "split-ratio": 0.5, "min-available-nodes": NODES, **overrides})
+    torch.manual_seed(0)
+    model = build_model("cnn", WIDTHS)
+    strategy = make_strategy(config, SplitSpec.from_model(model))
+    grid = WaveGrid(batch=1, built=lambda: len(strategy._expected))
+    final = run_rounds(strategy, grid, ArrayRecord(model.state_dict()), rounds, timeout=60.0,
+                       train_config=client_config(config), messages_in_flight=in_flight)  # fmt: skip
+    return final.to_torch_state_dict(), grid, strategy
+
+
+@pytest.mark.parametrize("rule", ["mean", "median"])
+def test_messages_in_flight_bounds_what_is_pushed_and_unanswered_and_changes_nothing_else(rule):
+    at_once, grid_at_once, strategy_at_once = run_with(RULES[rule], in_flight=0)
+    in_waves, grid, strategy = run_with(RULES[rule], in_flight=2)
+    assert_same(ArrayRecord(in_waves), at_once)
+    assert max(unanswered for _, unanswered, _ in grid.pushes) == 2
+    assert max(unanswered for _, unanswered, _ in grid_at_once.pushes) == NODES
+    assert grid.pushed_nodes == grid_at_once.pushed_nodes == list(range(NODES)) * 2  # rank order, every round
+    pushed = 0
+    for count, _, built in grid.pushes:  # a message is sliced only when it is taken to be pushed
+        pushed += count
+        assert built == (pushed - 1) % NODES + 1
+    for round_ in (1, 2):
+        assert strategy.meter.rounds[round_].bytes_down == strategy_at_once.meter.rounds[round_].bytes_down > 0
+        assert strategy.meter.rounds[round_].participants == list(range(NODES))
+
+
+@pytest.mark.parametrize(
+    "silent, pushed, replied",
+    [
+        ({1}, list(range(NODES)), [0, 2, 3, 4, 5]),  # node 1 holds one slot until the timeout; the other serves the rest
+        ({0, 1}, [0, 1], []),  # both slots held: nodes 2.. are never sent their message
+    ],
+)
+def test_messages_in_waves_stop_at_the_timeout_and_what_was_not_sent_counts_as_no_reply(silent, pushed, replied):
+    strategy, _, _ = planned({})
+    config = RunConfig.from_mapping({"method": "msfusion", "split-ratio": 0.5, "min-available-nodes": NODES})
+    grid = WaveGrid(batch=1, silent=silent)
+    messages = strategy.train_messages(1, ArrayRecord(build_model("cnn", WIDTHS).state_dict()), client_config(config), grid)
+    start = time.time()
+    receive_each(grid, messages, timeout=0.5, on_reply=lambda r: strategy.receive_train(1, r), in_flight=2)
+    assert 0.5 <= time.time() - start < 2.5
+    assert grid.pushed_nodes == pushed
+    strategy.aggregate_train(1, [])
+    traffic = strategy.meter.rounds[1]
+    assert traffic.participants == replied and traffic.sampled == NODES
+    assert len(traffic.failures) == NODES - len(replied) and all("no reply" in f for f in traffic.failures)
+    assert set(traffic.sent_bytes) == set(pushed)  # bytes down count the messages sent, not the ones planned
+
+
+def test_messages_in_flight_with_flowers_fedavg_is_a_one_line_error():
+    config = RunConfig.from_mapping({"method": "fedavg", "messages-in-flight": 4})
+    with pytest.raises(ConfigError, match="messages-in-flight.*Flower's FedAvg"):
+        make_strategy(config, SplitSpec.from_model(build_model("cnn", WIDTHS)))

@@ -11,6 +11,7 @@ typed (:class:`~msfusion_flwr.protocol.TrainInstructions`).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
@@ -56,7 +57,14 @@ def received_plan(content: RecordDict, model_name: str) -> tuple[dict[str, torch
 
 
 def train(message: Message, context: Context) -> Message:
-    """Handle one train message: narrow model in, trained narrow model out."""
+    """Handle one train message: narrow model in, trained narrow model out.
+
+    Reports, besides what local training measures, ``handler-time-s``: this
+    handler's wall time up to the reply (decoding, the narrow model, the
+    partition, training, the reply's arrays), so that a device's own work
+    beyond training can be told from the engine's.
+    """
+    started = time.perf_counter()
     content = message.content
     run = TrainInstructions.from_record(content.config_records[CONFIG])
     partition_id, num_partitions = node_partition(context)
@@ -92,8 +100,9 @@ def train(message: Message, context: Context) -> Message:
         sent, metrics[WEIGHT_KEY] = attack_update(
             run.faults, received, sent, metrics[WEIGHT_KEY], run.data.seed, run.server_round, partition_id
         )
-    reply = RecordDict({ARRAYS: ArrayRecord(sent), METRICS: MetricRecord(metrics)})
-    return Message(reply, reply_to=message)
+    arrays = ArrayRecord(sent)
+    metrics["handler-time-s"] = time.perf_counter() - started
+    return Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
 def query(message: Message, context: Context) -> Message:

@@ -20,6 +20,7 @@ COST_METRICS = {
     "train-flops": "flops",
     "peak-memory-bytes": "peak_memory_bytes",
     "train-time-s": "train_time_s",
+    "handler-time-s": "handler_time_s",
 }
 """ClientApp metric -> metrics.jsonl name of the measured per-participant costs."""
 
@@ -47,6 +48,8 @@ class RoundTraffic:
     screened: list[int] = field(default_factory=list)
     """Partition ids of accepted replies that screening (``screen-updates``) left out of the aggregate."""
     sent_bytes: dict[int, int] = field(default_factory=dict)
+    server_s: float = 0.0
+    """Seconds in the strategy's train methods: planning, slicing, checking, fusing (not the waiting)."""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -67,10 +70,24 @@ class TrafficMeter:
 
     def sent(self, server_round: int, messages: Sequence[Message]) -> None:
         """Record the train messages of a round."""
-        sent_bytes = {m.metadata.dst_node_id: message_array_bytes(m) for m in messages}
-        self.rounds[server_round] = RoundTraffic(
-            sampled=len(messages), bytes_down=sum(sent_bytes.values()), sent_bytes=sent_bytes
-        )
+        self.opened(server_round, sampled=len(messages))
+        for message in messages:
+            self.sent_one(server_round, message)
+
+    def opened(self, server_round: int, sampled: int) -> None:
+        """Start a round's record: ``sampled`` participants, no message sent yet."""
+        self.rounds[server_round] = RoundTraffic(sampled=sampled)
+
+    def sent_one(self, server_round: int, message: Message) -> None:
+        """Record one train message of an opened round, as it is built (a round may send its messages in waves)."""
+        traffic = self.rounds[server_round]
+        sent = message_array_bytes(message)
+        traffic.sent_bytes[message.metadata.dst_node_id] = sent
+        traffic.bytes_down += sent
+
+    def server_work(self, server_round: int, seconds: float) -> None:
+        """Record the seconds the strategy's train methods took in a round (:func:`~.rounds.run_rounds`)."""
+        self.rounds.setdefault(server_round, RoundTraffic()).server_s = seconds
 
     def received(self, server_round: int, accepted: Sequence[ReplySummary], failures: Sequence[str]) -> None:
         """Record the accepted replies and the reasons others were left out."""

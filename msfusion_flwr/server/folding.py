@@ -66,7 +66,7 @@ class RoundFold:
     plans: Mapping[int, IndexPlan]
     """Node -> the plan sent to it, in rank order."""
     expected: Mapping[int, Mapping[str, tuple[tuple[int, ...], str]]]
-    """Node -> the arrays sent to it (name -> shape, dtype)."""
+    """Node -> the arrays sent to it (name -> shape, dtype), filled as its message is built."""
     nodes: NodeDirectory
     rule: AggregationRule
     calibrate: bool = False

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
-from ..config import METHODS, MethodSettings, RunConfig
+from ..config import METHODS, ConfigError, MethodSettings, RunConfig
 from ..data import load_server_set, model_kwargs
 from ..engine.groups import SplitSpec
 from ..engine.policies import (
@@ -78,6 +78,11 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
     """
     method, federation = run.method, run.federation
     if method.name == "fedavg" and run.aggregation.plain:
+        if federation.messages_in_flight:
+            raise ConfigError(
+                "config key 'messages-in-flight' needs a partial-training method or a robust rule (method 'fedavg' "
+                f"with the plain mean is Flower's FedAvg, which sends a round's messages at once), got {federation.messages_in_flight}"
+            )
         return MeteredFedAvg(
             node_wait_timeout=federation.node_wait_timeout,
             query_timeout=federation.round_timeout,

@@ -64,6 +64,7 @@ TRAIN_METRICS: dict[str, MetricRule] = {
     "train-contrastive": MetricRule(),
     "train-steps": MetricRule(integer=True, minimum=0),
     "train-time-s": MetricRule(minimum=0),
+    "handler-time-s": MetricRule(minimum=0),
     "trained-params": MetricRule(integer=True, minimum=0),
     "train-flops": MetricRule(minimum=0),
     "peak-memory-bytes": MetricRule(minimum=0),

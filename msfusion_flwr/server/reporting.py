@@ -53,7 +53,7 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-SUMMED_COSTS = ("bytes_down", "bytes_up", "flops", "train_time_s")
+SUMMED_COSTS = ("bytes_down", "bytes_up", "flops", "train_time_s", "handler_time_s")
 """Costs that add up over participants and rounds."""
 PEAK_COSTS = ("trained_params", "peak_memory_bytes")
 """Costs of which only the per-round maximum over participants is meaningful."""
@@ -91,10 +91,10 @@ class CumulativeCosts:
             mine = self.totals.setdefault(int(cost["partition_id"]), dict.fromkeys(SUMMED_COSTS, 0.0))
             for key in SUMMED_COSTS:
                 if not math.isnan(cost[key]):
-                    mine[key] += cost[key]
+                    mine[key] = mine.get(key, 0.0) + cost[key]  # .get: totals from a checkpoint of an older revision
         out = {}
         for key in SUMMED_COSTS:
-            per_participant = [t[key] for t in self.totals.values()]
+            per_participant = [t.get(key, 0.0) for t in self.totals.values()]
             out[f"cum_{key}"] = sum(per_participant)
             out[f"cum_{key}_per_participant_max"] = max(per_participant, default=0.0)
         return out

@@ -76,6 +76,7 @@ def round_row(
         "coverage_split": covered.split,
         "coverage_by_tensor": covered.by_tensor,
         "dp_epsilon": dp_epsilon,
+        "server_s": traffic.server_s,
         "wall_s": wall_s,
     }
 
@@ -221,6 +222,8 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         evaluate_fn=on_round_end,
         first_round=first_round,
         after_round=checkpoint_round,
+        messages_in_flight=federation.messages_in_flight,
+        on_server_work=meter.server_work,
     )
     reporter.save_model(final.to_torch_state_dict())
     reporter.plot_curves()

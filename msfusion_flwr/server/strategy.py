@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from logging import INFO
 from typing import ClassVar
 
@@ -144,10 +144,21 @@ class SubmodelStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per participant, carrying only its slices and its plan."""
+        return list(self.train_messages(server_round, arrays, config, grid))
+
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterator[Message]:
+        """:meth:`configure_train`'s messages in rank order, each sliced only when it is taken.
+
+        The round is planned now (participants, plans, the round's fold); a
+        message's slices exist from the moment it is taken, so a round loop that
+        pushes messages in waves (``messages-in-flight``) holds only those in
+        flight, not one sub-model per participant.
+        """
         participants = self.sample_participants(server_round, grid)
         self._global = arrays.to_torch_state_dict()
         self._plans, self._rates, self._expected = {}, {}, {}
-        messages = []
         for rank, node in enumerate(participants):
             profile = self.profile(node)
             request = PlanRequest(
@@ -163,25 +174,27 @@ class SubmodelStrategy(Strategy):
                 assignment = self.policy.assign(request)
             except BudgetError as error:
                 raise ConfigError(str(error)) from None
-            sub_state = slice_state(self._global, self.spec, assignment.plan, self.calibrate)
             self._plans[node] = assignment.plan
             self._rates[node] = assignment.rate
-            self._expected[node] = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in sub_state.items()}
-            train_config = ConfigRecord({**config, SERVER_ROUND: server_round, SPLIT_RATE: assignment.rate})
-            content = RecordDict(
-                {
-                    ARRAYS: ArrayRecord(sub_state),
-                    CONFIG: train_config,
-                    PLAN: encode_plan(assignment.plan, self.spec.widths),
-                }
-            )
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self.meter.sent(server_round, messages)
+        self.meter.opened(server_round, sampled=len(participants))
         self._fold = RoundFold(
             server_round, self._global, self.spec, self._plans, self._expected, self.nodes, self.rule,
             self.calibrate, self.max_examples, hold=self.holds_updates,
         )  # fmt: skip
-        return messages
+        return self._sliced_messages(server_round, config)
+
+    def _sliced_messages(self, server_round: int, config: ConfigRecord) -> Iterator[Message]:
+        """The planned round's messages, in rank order, each sliced as it is taken and recorded as sent."""
+        for node, plan in self._plans.items():
+            sub_state = slice_state(self._global, self.spec, plan, self.calibrate)
+            self._expected[node] = {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in sub_state.items()}
+            train_config = ConfigRecord({**config, SERVER_ROUND: server_round, SPLIT_RATE: self._rates[node]})
+            content = RecordDict(
+                {ARRAYS: ArrayRecord(sub_state), CONFIG: train_config, PLAN: encode_plan(plan, self.spec.widths)}
+            )
+            message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+            self.meter.sent_one(server_round, message)
+            yield message
 
     def receive_train(self, server_round: int, reply: Message) -> None:
         """Check one reply of the round as it arrives, and fold it into the round's sums where the rule allows."""
