@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from flwr_datasets.common import telemetry
-from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
 from msfusion_flwr import data as data_mod
@@ -35,72 +34,17 @@ from msfusion_flwr.data import (
     model_kwargs,
     partition_indices,
 )
+from msfusion_flwr.data import hub_copy
 from msfusion_flwr.data.hub_images import AugmentedImages, load_hub_split, random_crop_flip, standardize
 from msfusion_flwr.data.partitioning import server_split, training_subset
 
 N_TRAIN = {"cifar10": 120, "cifar100": 600, "tiny-imagenet": 800}  # enough per class for Dirichlet's min size
 N_TEST = 20
-CONFIG_FOLDER = {"cifar10": "plain_text", "cifar100": "cifar100", "tiny-imagenet": "data"}
-HELD_OUT_FILE = {"cifar10": "test", "cifar100": "test", "tiny-imagenet": "valid"}
-TINY_IMAGENET_README = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*
-  - split: valid
-    path: data/valid-*
----
-"""
 
 
 def write_hub_copy(folder: Path, dataset: str, seed: int = 0, readme: bool = True) -> dict[str, dict[str, np.ndarray]]:
-    """Write ``<folder>/<config>/{train,test}-00000-of-00001.parquet`` in the Hub's schema.
-
-    Returns the written pixels (N, S, S, 3) and label columns per split ("test": the held-out split).
-    TinyImageNet's held-out file is ``valid-*`` with the Hub's README; without it (``readme`` false) the copy is
-    one exported under ``datasets``' usual split name, ``validation-*``.
-    """
-    rng = np.random.default_rng(seed)
-    if dataset == "cifar10":
-        features = datasets.Features(
-            {"img": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])}
-        )
-    elif dataset == "tiny-imagenet":
-        features = datasets.Features(
-            {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"n{i:08d}" for i in range(200)])}
-        )
-        if readme:
-            (folder / "README.md").parent.mkdir(parents=True, exist_ok=True)
-            (folder / "README.md").write_text(TINY_IMAGENET_README)
-    else:
-        features = datasets.Features(
-            {
-                "img": datasets.Image(),
-                "fine_label": datasets.ClassLabel(names=[f"f{i}" for i in range(100)]),
-                "coarse_label": datasets.ClassLabel(names=[f"c{i}" for i in range(20)]),
-            }
-        )
-    classes = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}[dataset]
-    size = HUB_DATASETS[dataset].image_size
-    (folder / CONFIG_FOLDER[dataset]).mkdir(parents=True, exist_ok=True)
-    written = {}
-    for split, n in (("train", N_TRAIN[dataset]), ("test", N_TEST)):
-        pixels = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-        labels = rng.permutation(np.arange(n) % classes)
-        columns = {HUB_DATASETS[dataset].image_column: [PILImage.fromarray(p) for p in pixels]}
-        if dataset != "cifar100":
-            columns["label"] = labels.tolist()
-        else:
-            columns["fine_label"] = labels.tolist()
-            columns["coarse_label"] = ((labels + 7) % 20).tolist()  # differs from fine_label
-        table = datasets.Dataset.from_dict(columns, features=features)
-        file = HELD_OUT_FILE[dataset] if split == "test" else split
-        if file == "valid" and not readme:
-            file = "validation"
-        table.to_parquet(str(folder / CONFIG_FOLDER[dataset] / f"{file}-00000-of-00001.parquet"))
-        written[split] = {"pixels": pixels, "labels": labels}
-    return written
+    """The package's Hub-layout writer at this file's sizes."""
+    return hub_copy.write_hub_copy(folder, dataset, N_TRAIN[dataset], N_TEST, seed, readme)
 
 
 @pytest.fixture(scope="module")
