@@ -522,6 +522,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             "update would set the consensus the others are compared with), got clip-updates 0"
         )
     _check_privacy(config)
+    _check_reference(config)
     _check_model_and_data(config)
     num_classes = NUM_CLASSES.get(config["dataset"], 0)
     if num_classes and config["classes-per-partition"] > num_classes:
@@ -554,6 +555,25 @@ def _check_privacy(config: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"config key {key!r} must be {needed!r} with dp-noise-multiplier > 0 "
                 f"(server/privacy.py says why), got {config[key]!r}"
+            )
+
+
+def _check_reference(config: Mapping[str, Any]) -> None:
+    """Reference-scored aggregation trains references on the server slice and replaces weights and clipping."""
+    if config["aggregation-weights"] != "reference":
+        return
+    if config["server-data-fraction"] == 0:
+        raise ConfigError(
+            "config key 'aggregation-weights' 'reference' needs server-data-fraction > 0 (the server's own clean "
+            "examples it trains the references on), got server-data-fraction 0"
+        )
+    clashes = {"aggregation": config["aggregation"] != "mean", "clip-updates": config["clip-updates"] > 0,
+               "screen-updates": config["screen-updates"], "method": config["method"] == "feddf"}  # fmt: skip
+    for key, clash in clashes.items():
+        if clash:
+            raise ConfigError(
+                f"config key 'aggregation-weights' 'reference' weights and rescales each update itself: it needs "
+                f"aggregation 'mean', clip-updates 0, screen-updates false and a method other than feddf, got {key} {config[key]!r}"
             )
 
 

@@ -61,7 +61,8 @@ def test_random_updates_have_the_honest_scale_times_s_and_are_seeded():
 
 def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp_path):
     """MSfusion, 5 participants (the app's ServerApp and ClientApp, in process), 1 sending its update scaled by 1e4: the plain mean's loss explodes and its
-    accuracy stays near chance; with clip-updates = 1 the run learns as the clean runs of this size do."""
+    accuracy stays near chance; with clip-updates = 1, or with updates scored against the server's references
+    (aggregation-weights = "reference"), the run learns as the clean runs of this size do."""
     base = {
         "num-server-rounds": 2, "data-fraction": 0.04, "test-examples": 1000, "partitioner": "iid", "seed": 3, "eval-every": 100,
         "min-available-nodes": 5, "contrastive-weight": 0.0, "attack": "scale", "attack-fraction": 0.2,
@@ -69,7 +70,9 @@ def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp
     }  # fmt: skip
     attacker = [p for p in range(5) if is_attacker(FaultSettings(attack="scale", attack_fraction=0.2), 3, p, 5)]
     results = {}
-    for name, rule in (("plain", {}), ("robust", {"clip-updates": 1.0})):
+    rules = {"plain": {}, "robust": {"clip-updates": 1.0},
+             "reference": {"aggregation-weights": "reference", "server-data-fraction": 0.02}}  # fmt: skip
+    for name, rule in rules.items():
         out = run_in_process({**base, **rule, "output-dir": str(tmp_path / name)}, num_supernodes=5)
         rows = read_metrics(out)
         assert all(r["participants"] == list(range(5)) for r in rows[1:])  # the attacker's replies pass the checks
@@ -77,4 +80,5 @@ def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp
         results[name] = rows[-1]
     plain_loss = results["plain"]["loss"]
     assert results["plain"]["accuracy"] < 0.2 and (plain_loss is None or not np.isfinite(plain_loss) or plain_loss > 100)
-    assert results["robust"]["accuracy"] > 0.5 and results["robust"]["loss"] < 1.6
+    for name in ("robust", "reference"):
+        assert results[name]["accuracy"] > 0.5 and results[name]["loss"] < 1.6, name

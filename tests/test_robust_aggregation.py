@@ -102,7 +102,7 @@ rules = st.builds(
     AggregationRule,
     statistic=st.sampled_from(["mean", "median", "trimmed-mean"]),
     trim_fraction=st.sampled_from([0.0, 0.2, 0.34, 0.49]),
-    weighting=st.sampled_from(["examples", "capped", "equal"]),
+    weighting=st.sampled_from(["examples", "capped", "equal", "reference"]),
     weight_cap=st.sampled_from([1.0, 1.5, 3.0]),
     clip=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
 )

@@ -7,7 +7,9 @@ clipping) is plain overlap-aware averaging. Its three parts act in order:
 1. **weights** (``aggregation-weights``): a reply's claimed example count
    (``examples``), the count capped at ``weight-cap`` times the round's median
    claim (medians here average the middle two of an even number) (``capped``: one participant cannot outweigh ``weight-cap`` honest
-   ones), or 1 for everybody (``equal``);
+   ones), or 1 for everybody (``equal``), or, with ``reference``, each update's
+   agreement with a reference update the server trains on its own data
+   (:mod:`msfusion_flwr.server.trust`, which also rescales the deltas);
 2. **update clipping** (``clip-updates`` = c > 0): each participant's delta
    (what it sent minus the slice it was sent, over all its floating-point
    elements) is scaled down to at most c times the round's median RMS delta, a
@@ -55,8 +57,9 @@ from torch import Tensor
 
 STATISTICS = ("mean", "median", "trimmed-mean")
 """Per-element statistics over holders (``aggregation``)."""
-WEIGHTINGS = ("examples", "capped", "equal")
-"""How a reply's example count weights it (``aggregation-weights``)."""
+WEIGHTINGS = ("examples", "capped", "equal", "reference")
+"""How a reply's example count weights it (``aggregation-weights``); ``reference``: not at all, the server
+weights each update by its agreement with a reference it trains itself (:mod:`msfusion_flwr.server.trust`)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,11 @@ class AggregationRule:
     def streams(self) -> bool:
         """True when updates can be fused one at a time (:class:`~.fusion.RunningMean`): a mean whose weights
         and deltas do not depend on the round's other updates (no capped weights, no clipping, no screening)."""
-        return self.statistic == "mean" and self.weighting != "capped" and self.clip == 0 and not self.screen
+        return self.statistic == "mean" and self.weighting in ("examples", "equal") and self.clip == 0 and not self.screen
 
     def weights(self, claims: Sequence[float]) -> list[float]:
-        """The fusion weight of each reply, from the example counts the replies claim."""
+        """The fusion weight of each reply, from the example counts the replies claim (``reference``: the
+        updates' weights as given, the trust scores the strategy put there)."""
         if self.weighting == "equal":
             return [1.0] * len(claims)
         if self.weighting == "capped" and claims:

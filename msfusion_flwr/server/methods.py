@@ -25,6 +25,7 @@ from .feddf import EnsembleDistillation
 from .nodes import Budgets
 from .privacy import private_rule
 from .strategy import MeteredFedAvg, SubmodelStrategy
+from .trust import ReferenceTrust
 
 
 def double_shift(m: MethodSettings) -> IndexPolicy:
@@ -73,6 +74,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
     plain example-weighted mean) runs through the engine too, every participant
     holding the whole model (:class:`~msfusion_flwr.engine.policies.FullWidth`),
     since Flower's FedAvg has no such rule. Distillation methods (``feddf``)
+    and reference-scored aggregation (``aggregation-weights = "reference"``)
     also get the server set: ``server_set``, or else the run's server slice
     (:func:`~msfusion_flwr.data.load_server_set`).
     """
@@ -102,6 +104,16 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
         "calibrate": run.model.calibrated,
         "rule": private_rule(run.aggregation, run.privacy),
     }
+    if run.aggregation.weighting == "reference":
+        return ReferenceTrust(
+            spec,
+            policy,
+            budgets,
+            make_model=model_factory(run.model, **model_kwargs(run.data)),
+            server_set=load_server_set(run.data) if server_set is None else server_set,
+            local=run.local,
+            **options,
+        )
     if method.name in DISTILLATION_METHODS:
         return EnsembleDistillation(
             spec,

@@ -219,6 +219,7 @@ class SubmodelStrategy(Strategy):
         self._accepted = fold.updates()
         if not accepted:
             return None, None
+        self._accepted = self.prepare_updates(server_round, self._accepted, {r.node: r for r in accepted})
         noise = noise_generator() if self.rule.noise_std > 0 else None
         if fold.running is not None:
             merged = fold.running.result(noise)
@@ -234,6 +235,13 @@ class SubmodelStrategy(Strategy):
         else:
             merged = aggregate(self._global, self.spec, list(self._accepted.values()), self.calibrate, self.rule, noise)
         return ArrayRecord(merged), training_metrics(accepted)
+
+    def prepare_updates(
+        self, server_round: int, updates: dict[int, SubmodelUpdate], replies: Mapping[int, ReplySummary]
+    ) -> dict[int, SubmodelUpdate]:
+        """The held updates (node -> update, rank order) as fusion takes them: unchanged here; a subclass may
+        rescore them (:class:`~.trust.ReferenceTrust`), with what their replies said (``replies``, by node)."""
+        return updates
 
     def _round_fold(self, server_round: int) -> RoundFold:
         if self._fold is None or self._fold.server_round != server_round:
