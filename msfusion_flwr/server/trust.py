@@ -36,10 +36,9 @@ from logging import INFO
 
 import numpy as np
 import torch
+from flwr.supercore import log
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
-
-from flwr.supercore import log
 
 from ..config import TrainSettings
 from ..device.losses import representation
