@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -42,6 +43,20 @@ def parse_value(text: str) -> object:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def write_fixture(folder: Path, n_train: int) -> None:
+    """A CIFAR-10-shaped copy in the Hub's layout, written by a child process, so that this process's peak RSS
+    (what the run reports) does not count the images the writer holds."""
+    from msfusion_flwr.data.hub_copy import write_hub_copy
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=write_hub_copy, args=(folder, "cifar10"), kwargs={"n_train": n_train, "n_test": 1000}
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the CIFAR-10 fixture failed (exit code {child.exitcode})")
 
 
 def per_message(row: dict, n: int, actors: int) -> dict[str, float | None]:
@@ -75,9 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         config.setdefault("output-dir", str(Path(work) / "run"))
         if args.cifar_fixture:
-            from msfusion_flwr.data.hub_copy import write_hub_copy
-
-            write_hub_copy(Path(work) / "cifar10", "cifar10", n_train=args.cifar_fixture, n_test=1000)
+            write_fixture(Path(work) / "cifar10", args.cifar_fixture)
             config |= {"dataset": "cifar10", "data-dir": str(Path(work) / "cifar10")}
         out = run_experiment(config, num_supernodes=args.partitions)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
