@@ -33,9 +33,9 @@ from flwr.app import Message
 from ..engine.fusion import RunningMean, SubmodelUpdate
 from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.robust import AggregationRule
-from ..protocol import ARRAYS, METRICS, WEIGHT_KEY
+from ..protocol import METRICS, WEIGHT_KEY
 from .nodes import NodeDirectory
-from .replies import ReplySummary, check_reply
+from .replies import ReplySummary, read_reply
 
 
 def reply_problem(
@@ -43,11 +43,18 @@ def reply_problem(
 ) -> str | None:
     """Why ``reply`` must be left out, or None: :func:`~.replies.check_reply` against the arrays sent to its node
     (``expected``: node -> name -> shape, dtype) and the partition id the node declared; "not sampled" from any other node."""
+    return read_node_reply(reply, expected, nodes, max_examples)[1]
+
+
+def read_node_reply(
+    reply: Message, expected: Mapping[int, Mapping[str, tuple[tuple[int, ...], str]]], nodes: NodeDirectory, max_examples: float
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """:func:`reply_problem`, and the reply's arrays as tensors when it passes (:func:`~.replies.read_reply`)."""
     node = reply.metadata.src_node_id
     if node not in expected:
-        return "not sampled"
+        return None, "not sampled"
     profile = nodes.profiles.get(node)
-    return check_reply(reply, expected[node], None if profile is None else profile.partition_id, max_examples)
+    return read_reply(reply, expected[node], None if profile is None else profile.partition_id, max_examples)
 
 
 def silence(nodes: NodeDirectory, missing: Sequence[int]) -> list[str]:
@@ -95,12 +102,11 @@ class RoundFold:
         if node in self.accepted or node in self.failures:
             self.repeats.append(f"{self.nodes.describe(node)}: a second reply in this round")
             return
-        reason = reply_problem(reply, self.expected, self.nodes, self.max_examples)
-        if reason is not None:
+        state, reason = read_node_reply(reply, self.expected, self.nodes, self.max_examples)
+        if state is None:
             self.failures[node] = f"{self.nodes.describe(node)}: {reason}"
         else:
             self.accepted[node] = ReplySummary.of(reply)
-            state = reply.content[ARRAYS].to_torch_state_dict()
             self.held[node] = SubmodelUpdate(self.plans[node], state, float(reply.content[METRICS][WEIGHT_KEY]))
         self._fold_ready()
 

@@ -113,32 +113,49 @@ def check_reply(
     ``expected``: array name -> (shape, numpy dtype name) of what was sent.
     Never raises: a reply that cannot even be read is left out with the reason.
     """
+    return read_reply(reply, expected, partition_id, max_examples)[1]
+
+
+def read_reply(
+    reply: Message,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    partition_id: int | None = None,
+    max_examples: float = math.inf,
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """:func:`check_reply`, and the reply's arrays as tensors when it passes: (tensors, None) or (None, why).
+
+    Each array is decoded once, for the check and for fusion (decoding is most
+    of what checking a large reply costs).
+    """
     try:
-        return _check_reply(reply, expected, partition_id, max_examples)
+        return _read_reply(reply, expected, partition_id, max_examples)
     except Exception as exc:  # a malformed reply must not take the server down
-        return f"unreadable reply ({one_line(exc)})"
+        return None, f"unreadable reply ({one_line(exc)})"
 
 
-def _check_reply(
+def _read_reply(
     reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]], partition_id: int | None, max_examples: float
-) -> str | None:
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     if reply.has_error():
-        return f"error reply ({error_summary(reply.error.reason)})"
+        return None, f"error reply ({error_summary(reply.error.reason)})"
     content = reply.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-        return f"reply lacks '{ARRAYS}' or '{METRICS}'"
+        return None, f"reply lacks '{ARRAYS}' or '{METRICS}'"
     arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
     if set(arrays) != set(expected):
-        return "array names differ from the plan sent"
+        return None, "array names differ from the plan sent"
+    tensors = {}
     for key, array in arrays.items():
         shape, dtype = expected[key]
         if tuple(array.shape) != shape:
-            return f"{key} has shape {tuple(array.shape)}, expected {shape}"
+            return None, f"{key} has shape {tuple(array.shape)}, expected {shape}"
         if str(array.dtype) != dtype:
-            return f"{key} has dtype {array.dtype}, expected {dtype}"
-        if not torch.isfinite(torch.from_numpy(array.numpy())).all():
-            return f"{key} has non-finite values"
-    return check_metrics(metrics, partition_id, max_examples)
+            return None, f"{key} has dtype {array.dtype}, expected {dtype}"
+        tensors[key] = torch.from_numpy(array.numpy())
+        if not torch.isfinite(tensors[key]).all():
+            return None, f"{key} has non-finite values"
+    reason = check_metrics(metrics, partition_id, max_examples)
+    return (None, reason) if reason else (tensors, None)
 
 
 @dataclass(frozen=True)
