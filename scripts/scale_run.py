@@ -8,7 +8,7 @@ process's ``ru_maxrss`` (this process only, not Ray's actors).
 
     .venv/bin/python scripts/scale_run.py --partitions 1000 --run-config conf/scale-1000.toml
     .venv/bin/python scripts/scale_run.py --partitions 100 --run-config conf/scale-1000.toml --set fraction-train=1.0 min-available-nodes=100
-    .venv/bin/python scripts/scale_run.py --partitions 1000 --run-config conf/scale-1000-cifar.toml --cifar-fixture 50000
+    .venv/bin/python scripts/scale_run.py --partitions 1000 --run-config conf/scale-1000-cifar.toml --cifar-fixture 50000 --state-in-work
 
 Prints a JSON object: the settings, per round the wall time, the participants,
 the sum of their local training times, the seconds the server spent in the
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="ClientApps running at once (one CPU each)")
     parser.add_argument("--cifar-fixture", type=int, metavar="N", help="train on a local CIFAR-10-shaped copy in the Hub's layout "
                         "with N random training images (and 1,000 test images), written to a temporary folder: data-dir")
+    parser.add_argument("--state-in-work", action="store_true", help="participant-state-dir in the run's temporary "
+                        "folder: participants keep their previous sub-model there, not in the simulation driver's memory")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -89,6 +91,8 @@ def main() -> None:
     config |= {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
     with tempfile.TemporaryDirectory() as work:
         config.setdefault("output-dir", str(Path(work) / "run"))
+        if args.state_in_work:
+            config["participant-state-dir"] = str(Path(work) / "participant-state")
         if args.cifar_fixture:
             write_fixture(Path(work) / "cifar10", args.cifar_fixture)
             config |= {"dataset": "cifar10", "data-dir": str(Path(work) / "cifar10")}

@@ -90,3 +90,22 @@ def test_participant_builds_its_model_with_the_configured_classifier_scaler(monk
         grid = LoopbackGrid(4)
         participant.train(round_messages(config, grid, 1, full)[0], grid.contexts[0])
         assert built and all(m.head_scaler.rate == expected_rate and m.fc_scaler.rate == 0.25 for m in built)
+
+
+def test_with_a_state_dir_the_previous_sub_model_lives_on_disk_not_in_the_context(tmp_path):
+    """Two rounds of one participant: with participant-state-dir its Context.state holds no sub-model between
+    rounds (a simulation's driver keeps every node's Context), and round 2 trains exactly as with Context.state."""
+    full = models.build_model("cnn")
+    config = {"split-ratio": 0.25, "data-fraction": 0.02, "partitioner": "iid", "seed": 5}
+    replies = {}
+    for name, extra in (("context", {}), ("disk", {"participant-state-dir": str(tmp_path / "state")})):
+        grid = LoopbackGrid(4)
+        for server_round in (1, 2):
+            reply = participant.train(round_messages({**config, **extra}, grid, server_round, full.state_dict())[1], grid.contexts[1])
+            kept = set(grid.contexts[1].state.array_records)
+            assert kept == (set() if extra else {"msfusion.previous-arrays"}), (name, kept)
+        assert reply.content.metric_records[METRICS]["train-contrastive"] > 0  # round 2 used the previous sub-model
+        replies[name] = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    assert (tmp_path / "state" / "partition-1.pt").is_file()
+    for key, value in replies["context"].items():
+        assert torch.equal(replies["disk"][key], value), key

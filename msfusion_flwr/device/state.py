@@ -2,9 +2,12 @@
 
 It lives in Flower's ``Context.state`` (as ``msfusion.previous-*`` records),
 which a restarted run starts empty. With ``participant-state-dir`` set, the
-participant also keeps it in ``<participant-state-dir>/partition-<id>.pt``
-(atomically, tagged with the run's fingerprint), so that the first round of a
-resumed run trains exactly as the uninterrupted run's did.
+participant keeps it in ``<participant-state-dir>/partition-<id>.pt`` instead
+(atomically, tagged with the run's fingerprint; read back into
+``Context.state`` for the round that needs it and dropped from it again), so
+that the first round of a resumed run trains exactly as the uninterrupted
+run's did, and a simulation, whose driver process holds every simulated
+node's Context, does not hold one sub-model per partition that has trained.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def restore_previous(state: RecordDict, run: TrainInstructions, partition_id: in
 
 
 def persist_previous(state: RecordDict, run: TrainInstructions, partition_id: int) -> None:
-    """Write Context.state's previous sub-model to ``participant-state-dir`` (if set), atomically."""
+    """Move Context.state's previous sub-model to ``participant-state-dir`` (if set), atomically: written there,
+    dropped from Context.state (:func:`restore_previous` reads it back next time)."""
     if not run.participant_state_dir:
         return
     save_participant_state(
@@ -75,6 +79,8 @@ def persist_previous(state: RecordDict, run: TrainInstructions, partition_id: in
         float(state.config_records[PREVIOUS_CONFIG][SPLIT_RATE]),  # type: ignore[arg-type]
         run.checkpoint_every,
     )
+    for key in (PREVIOUS_ARRAYS, PREVIOUS_PLAN, PREVIOUS_CONFIG):
+        del state[key]
 
 
 # --------------------------------------------------------------------------- files
