@@ -19,17 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainSettings
 from ..models.evaluation import token_cross_entropy
+from ..models.optimizers import make_optimizer
 from .losses import Representation, contrastive_loss, embed_features
 from .metering import ResourceMeter, resident_tensors
-
-
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """SGD with momentum (``momentum`` key) or Adam, fresh every round, with ``weight_decay``."""
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=settings.learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -67,7 +59,7 @@ def train_local(
         shuffle=True,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings.optimizer, settings.learning_rate, settings.momentum, settings.weight_decay)
     use_contrastive = settings.contrastive_weight > 0 and previous is not None
     received = Representation(frozen_copy(model), current.feature_index, current.width)
     models = [model, received.model] + ([previous.model] if use_contrastive else [])  # type: ignore[union-attr]

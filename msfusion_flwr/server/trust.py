@@ -4,10 +4,9 @@ FLTrust's idea (Cao et al., NDSS 2021) for overlapping sub-models
 (``aggregation-weights = "reference"``). The server holds a small clean,
 labeled slice of the training set (``server-data-fraction``). For each
 accepted update it trains the very slice that participant was sent, on that
-slice of data, exactly as an honest participant would
-(:func:`~msfusion_flwr.device.training.train_local`, no contrastive term) and
-for as many steps as the participant says it took (at most the round's median
-claim): the *reference* delta. Then, per update k with delta d_k and reference r_k
+slice of data, with the participants' optimizer settings and cross-entropy
+alone (no contrastive term), for as many steps as the participant says it took
+(at most the round's median claim): the *reference* delta. Then, per update k with delta d_k and reference r_k
 over its floating-point elements:
 
 * its trust is ``max(0, cos(d_k, r_k))``: an update pointing away from what
@@ -28,7 +27,6 @@ it less and weigh less).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping
@@ -38,15 +36,15 @@ import numpy as np
 import torch
 from flwr.supercore import log
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import TrainSettings
-from ..device.losses import representation
-from ..device.training import train_local
 from ..engine.fusion import SubmodelUpdate
 from ..engine.groups import IndexPlan, SplitSpec
 from ..engine.policies import IndexPolicy
 from ..engine.slicing import plan_widths, slice_state
+from ..models.evaluation import token_cross_entropy
+from ..models.optimizers import make_optimizer
 from .nodes import Budgets
 from .replies import ReplySummary
 from .strategy import SubmodelStrategy
@@ -119,7 +117,7 @@ class ReferenceTrust(SubmodelStrategy):
             raise ValueError(f"reference-scored aggregation needs >= 2 server examples, got {len(server_set)}")  # type: ignore[arg-type]
         self.make_model = make_model
         self.server_set = server_set
-        self.local = dataclasses.replace(local, contrastive_weight=0.0)
+        self.local = local
         self.last_trust: dict[int, float] = {}
         """Node -> trust of its update in the last round fused (for logs and tests)."""
 
@@ -131,13 +129,23 @@ class ReferenceTrust(SubmodelStrategy):
         self, server_round: int, node: int, plan: IndexPlan, sent: Mapping[str, Tensor], steps: int
     ) -> dict[str, Tensor]:
         """What an honest participant holding the server's data sends back for the slice ``sent`` (plan ``plan``)
-        after ``steps`` optimizer steps (the server's examples cycled in a seeded order as often as needed)."""
+        after ``steps`` optimizer steps with the run's local settings, cross-entropy only (the server's examples
+        cycled in a seeded order as often as needed)."""
         seed = reference_seed(self.seed, server_round, node)
         model = self.make_model(plan_widths(plan), self._rates[node])
         model.load_state_dict(sent)
-        settings = dataclasses.replace(self.local, seed=seed, epochs=1)
-        examples = cycled(self.server_set, steps * settings.batch_size, seed)
-        train_local(model, examples, settings, representation(model, plan, self.spec.widths), None)
+        local = self.local
+        optimizer = make_optimizer(model, local.optimizer, local.learning_rate, local.momentum, local.weight_decay)
+        torch.manual_seed(seed)
+        batches = DataLoader(cycled(self.server_set, steps * local.batch_size, seed), batch_size=local.batch_size)
+        model.train()
+        for x, y in batches:
+            if len(y) < 2:  # BatchNorm on batch statistics needs two examples
+                continue
+            logits, _ = model.outputs(x)  # type: ignore[operator]
+            optimizer.zero_grad(set_to_none=True)
+            token_cross_entropy(logits, y).backward()
+            optimizer.step()
         return {k: v.detach() for k, v in model.state_dict().items()}
 
     def prepare_updates(
