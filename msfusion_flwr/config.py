@@ -78,6 +78,9 @@ class MethodSettings:
     """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
     block_count: int = 0
     """``blocks`` layout: how many blocks wide the global model is (0: the full model, every block that fits)."""
+    shared_groups: tuple[str, ...] = ()
+    """``blocks`` layout: width groups that are not cut into blocks but held whole, at the block length, by
+    every participant: a trunk that all block models share."""
     fjord_levels: int = 8
 
     @property
@@ -245,6 +248,11 @@ def format_budgets(ratios: tuple[float, ...]) -> str:
     return ",".join(repr(float(r)) for r in ratios)
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"conv1, conv2"`` -> ("conv1", "conv2"); empty -> ()."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _budgets() -> Rule:
     def ok(v: Any) -> bool:
         try:
@@ -307,6 +315,7 @@ KEYS: dict[str, Key] = {
     "inter-participant-shift": _key("method", "inter_participant_shift", _boolean()),
     "window-layout": _key("method", "window_layout", _choice(WINDOW_LAYOUTS)),
     "block-count": _key("method", "block_count", _integer(0)),
+    "shared-groups": _key("method", "shared_groups", _string(), to_field=parse_names, to_flat=",".join),
     "fjord-levels": _key("method", "fjord_levels", _integer(1)),
     "distill-steps": _key("distill", "steps", _integer(1)),
     "distill-batch-size": _key("distill", "batch_size", _integer(1)),
@@ -513,6 +522,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
         )
     if config["block-count"] and config["window-layout"] != "blocks":
         raise ConfigError(f"config key 'block-count' needs window-layout 'blocks', got window-layout {config['window-layout']!r}")
+    _check_shared_groups(config)
     _check_block_count(config)
     if config["window-layout"] == "blocks" and config["method"] != "msfusion":
         raise ConfigError(f"config key 'window-layout' 'blocks' is an msfusion option, got method {config['method']!r}")
@@ -577,11 +587,29 @@ def _check_reference(config: Mapping[str, Any]) -> None:
             )
 
 
+def _check_shared_groups(config: Mapping[str, Any]) -> None:
+    """Shared groups are some, not all, of the model's width groups, under the blocks layout."""
+    names = parse_names(config["shared-groups"])
+    if not names:
+        return
+    if config["window-layout"] != "blocks":
+        raise ConfigError(f"config key 'shared-groups' needs window-layout 'blocks', got window-layout {config['window-layout']!r}")
+    groups = tuple(getattr(_model_class(config), "FULL_WIDTHS", {}))
+    unknown = [name for name in names if name not in groups]
+    if unknown or set(names) >= set(groups):
+        raise ConfigError(
+            f"config key 'shared-groups' must name some but not all of model {config['model']!r}'s width groups "
+            f"({', '.join(groups)}), got {config['shared-groups']!r}"
+        )
+
+
 def _check_block_count(config: Mapping[str, Any]) -> None:
-    """A block count fits the model: at most floor(K / w) blocks of w = round(r K) units in every width group."""
+    """A block count fits the model: at most floor(K / w) blocks of w = round(r K) units in every width group
+    that is cut into blocks (not ``shared-groups``)."""
     if not config["block-count"]:
         return
-    widths = getattr(_model_class(config), "FULL_WIDTHS", {})
+    shared = parse_names(config["shared-groups"])
+    widths = {g: k for g, k in getattr(_model_class(config), "FULL_WIDTHS", {}).items() if g not in shared}
     ratio = MethodSettings(split_ratio=config["split-ratio"], budgets=parse_budgets(config["budgets"])).block_ratio
     fits = block_count(ratio, widths) if widths else 0
     if config["block-count"] > fits:

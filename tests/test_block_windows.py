@@ -94,14 +94,15 @@ def test_zero_outside_keeps_exactly_the_block_diagonal():
     torch.testing.assert_close(kept["conv1.0.weight"], state["conv1.0.weight"])  # its input channel is never split
 
 
-@pytest.mark.parametrize("blocks", [0, 2])
-def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(blocks):
+@pytest.mark.parametrize(("blocks", "shared"), [(0, ""), (2, ""), (2, "conv1,conv2"), (0, "conv1")])
+def test_the_fused_model_is_the_ensemble_of_its_blocks_before_and_after_a_round(blocks, shared):
     """From the strategy's initial state, and after fusing trained slices, the global model's logits equal the
     mean of its block models' logits (each sliced from it as a participant receives it), and the weights between
-    blocks stay zero: for the full model (4 blocks at r = 1/4) and for a global model 2 blocks wide."""
+    blocks stay zero: for the full model (4 blocks at r = 1/4), for a global model 2 blocks wide, and for block
+    models that branch off a shared trunk (``shared-groups``: one block wide, held whole by every participant)."""
     torch.manual_seed(0)
-    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "block-count": blocks})
-    model = build_model("cnn", {g: (blocks or 4) * (k // 4) for g, k in SMALL.items()})
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "block-count": blocks, "shared-groups": shared})
+    model = build_model("cnn", {g: (1 if g in shared else blocks or 4) * (k // 4) for g, k in SMALL.items()})
     spec = SplitSpec.from_model(model)
     strategy = make_strategy(run, spec)
     state = strategy.initial_state(model.state_dict())
@@ -189,4 +190,65 @@ def test_a_node_budget_below_the_blocks_stops_the_round_with_a_one_line_config_e
     grid.contexts[1].node_config["split-ratio"] = 0.125
     with pytest.raises(ConfigError, match="partition 1 has a budget of 0.125") as info:
         list(strategy.configure_train(1, ArrayRecord(model.state_dict()), client_config(run), grid))
+    assert "\n" not in str(info.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shared=st.sets(st.sampled_from(["conv1", "conv2", "conv3", "fc"]), max_size=3),
+    blocks=st.integers(0, 4),
+    m=st.integers(1, 20),
+    t=st.integers(1, 30),
+    d=st.integers(0, 3),
+    data=st.data(),
+)
+def test_shared_groups_are_one_block_wide_and_held_whole_by_everyone(shared, blocks, m, t, d, data):
+    """shared-groups S: a group in S is w = round(r K) units wide in the global model and every participant holds
+    all of them; every other group is cut as without S, its block count taken over the groups outside S."""
+    rank = data.draw(st.integers(0, m - 1))
+    run = RunConfig.from_mapping(
+        {"window-layout": "blocks", "split-ratio": 0.25, "block-count": blocks, "shift-step": d, "shared-groups": ",".join(sorted(shared))}
+    )
+    full = {"conv1": 64, "conv2": 128, "conv3": 256, "fc": 512}
+    widths = global_widths(run) or full  # None: the full model
+    count = blocks or 4
+    assert widths == {g: (1 if g in shared else count) * round(k / 4) for g, k in full.items()}
+    policy = make_strategy(run, SplitSpec.from_model(build_model("cnn", widths))).policy
+    assignment = policy.assign(request(widths, 0.25, rank, m, t))
+    block = (rank + (t - 1) * d) % count
+    for g, k in widths.items():
+        w = round(full[g] / 4)
+        expected = range(w) if g in shared else range(block * w, (block + 1) * w)
+        assert assignment.plan[g].tolist() == list(expected)
+
+
+def test_a_shared_trunk_is_held_by_every_block_and_the_branches_stay_apart():
+    """With conv1 and conv2 shared, every weight into conv3 from the trunk survives zero_outside, while conv3 ->
+    fc keeps only its block diagonal."""
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "shared-groups": "conv1,conv2"})
+    model = build_model("cnn", global_widths(run))
+    spec = SplitSpec.from_model(model)
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    kept = zero_outside(state, spec, make_strategy(run, spec).policy.support(spec.widths))
+    torch.testing.assert_close(kept["conv2.0.weight"], state["conv2.0.weight"])
+    torch.testing.assert_close(kept["conv3.0.weight"], state["conv3.0.weight"])
+    fc = kept["fc.weight"]
+    assert fc.shape == (512, 256)
+    nonzero = (fc != 0).nonzero()
+    assert ((nonzero[:, 0] // 128) == (nonzero[:, 1] // 64)).all() and len(nonzero) == 4 * 128 * 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"window-layout": "blocks", "shared-groups": "conv9"}, "some but not all of model 'cnn'"),
+        ({"window-layout": "blocks", "shared-groups": "conv1,conv2,conv3,fc"}, "some but not all"),
+        ({"shared-groups": "conv1"}, "needs window-layout 'blocks'"),
+    ],
+)
+def test_shared_groups_refuse_what_they_cannot_do_in_one_line(overrides, message):
+    from msfusion_flwr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as info:
+        RunConfig.from_mapping(overrides)
     assert "\n" not in str(info.value)

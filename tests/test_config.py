@@ -27,6 +27,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "inter-participant-shift": [1, 0, "true", "yes", None],
     "window-layout": ["block", "Blocks", "", 0, None, True],
     "block-count": [-1, 1.5, 2.0, True, "2", None],
+    "shared-groups": [1, None, True, "conv9", "conv1,conv2,conv3,fc"],
     "output-scaling": ["Calibrated", "", "true", True, 1, None],
     "fjord-levels": [0, -1, 8.0, True, "8"],
     "distill-steps": [0, -1, 50.0, 1.5, True, "50", None],

@@ -169,25 +169,35 @@ class BlockShift:
     block length per group): fewer block models, each trained by more
     participants; every group of width K then holds blocks of K / ``blocks``
     units, and ``blocks = 1`` is ``fedavg-small``'s narrow model.
+
+    ``shared`` groups are not cut: the global model holds them at one block's
+    length (``server.methods.global_widths``) and every participant holds them
+    whole, so the B block models branch off one narrow trunk that every
+    participant trains, and the weights from the trunk into each block are held
+    by that block's participants.
     """
 
     ratio: float
     shift_step: int = 1
     inter_participant: bool = True
     blocks: int = 0
+    shared: frozenset[str] = frozenset()
 
     def count(self, widths: Mapping[str, int]) -> int:
         """How many blocks the global model of group widths ``widths`` holds."""
-        return self.blocks or block_count(self.ratio, widths)
+        return self.blocks or block_count(self.ratio, {g: k for g, k in widths.items() if g not in self.shared})
 
     def block_length(self, width: int) -> int:
         """Units per block in a group of global width ``width``."""
         return width // self.blocks if self.blocks else window_length(self.ratio, width)
 
     def block_plan(self, widths: Mapping[str, int], block: int) -> IndexPlan:
-        """The units of block ``block`` in every group."""
+        """The units of block ``block`` in every group, and every unit of the shared groups."""
         plan = {}
         for name, k in widths.items():
+            if name in self.shared:
+                plan[name] = torch.arange(k)
+                continue
             length = self.block_length(k)
             plan[name] = torch.arange(block * length, (block + 1) * length)
         return plan

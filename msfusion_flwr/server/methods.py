@@ -31,7 +31,7 @@ from .trust import ReferenceTrust
 def double_shift(m: MethodSettings) -> IndexPolicy:
     """MSfusion's policy: rolling windows (:class:`DoubleShift`), or disjoint blocks cut at the smallest budget."""
     if m.window_layout == "blocks":
-        return BlockShift(m.block_ratio, m.shift_step, m.inter_participant_shift, m.block_count)
+        return BlockShift(m.block_ratio, m.shift_step, m.inter_participant_shift, m.block_count, frozenset(m.shared_groups))
     return DoubleShift(shift_step=m.shift_step, overlap=m.overlap, inter_participant=m.inter_participant_shift)
 
 
@@ -57,13 +57,18 @@ assert set(METHODS) == set(POLICIES) | set(DISTILLATION_METHODS) | set(FULL_MODE
 
 def global_widths(run: RunConfig) -> dict[str, int] | None:
     """Widths of the global model: full, except for ``fedavg-small`` whose global model is the narrow one,
-    and for block windows with a ``block-count`` n, whose global model is n blocks wide."""
+    and for block windows with a ``block-count`` n, whose global model is n blocks wide, or with
+    ``shared-groups``, which the global model holds one block wide."""
     full = model_class(run.model.name).FULL_WIDTHS  # type: ignore[attr-defined]
-    if run.method.name == "fedavg-small":
-        return {name: window_length(run.method.split_ratio, k) for name, k in full.items()}
-    if run.method.window_layout == "blocks" and run.method.block_count:
-        ratio = run.method.block_ratio
-        return {name: run.method.block_count * window_length(ratio, k) for name, k in full.items()}
+    m = run.method
+    if m.name == "fedavg-small":
+        return {name: window_length(m.split_ratio, k) for name, k in full.items()}
+    if m.window_layout == "blocks" and (m.block_count or m.shared_groups):
+        ratio = m.block_ratio
+        return {
+            name: window_length(ratio, k) if name in m.shared_groups else (m.block_count * window_length(ratio, k) if m.block_count else k)
+            for name, k in full.items()
+        }
     return None
 
 
