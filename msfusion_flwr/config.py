@@ -74,9 +74,10 @@ class MethodSettings:
     overlap: float | str = "auto"
     shift_step: int = 1
     inter_participant_shift: bool = True
-    window_layout: str = "rolling"
-    """MSfusion's windows: ``rolling`` (windows of units, any start) or ``blocks`` (disjoint blocks, policies.BlockShift)."""
-    block_count: int = 0
+    window_layout: str = "blocks"
+    """MSfusion's windows: ``blocks`` (disjoint blocks, policies.BlockShift; the default, by the measurements in
+    docs/results.md) or ``rolling`` (windows of units, any start: the paper's reading, ``conf/msfusion-paper.toml``)."""
+    block_count: int = 2
     """``blocks`` layout: how many blocks wide the global model is (0: the full model, every block that fits)."""
     shared_groups: tuple[str, ...] = ()
     """``blocks`` layout: width groups that are not cut into blocks but held whole, at the block length, by
@@ -98,7 +99,7 @@ class TrainSettings:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    contrastive_weight: float = 1.0
+    contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.5
     optimizer: str = "sgd"
     seed: int = 0
@@ -455,7 +456,10 @@ RENAMED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "classifier-scaler": ("output-scaling", lambda enabled: "scaler" if enabled else "none"),
 }
 """Keys the app no longer has -> the key that replaced them and how an old value converts."""
-BEFORE_KEY: dict[str, Any] = {"output-scaling": "scaler"}
+MSFUSION_PAPER: dict[str, Any] = {"window-layout": "rolling", "block-count": 0, "shift-step": 1, "contrastive-weight": 1.0}
+"""``msfusion`` as this project first read the paper, the default until issue 12's measurements: rolling
+windows over the full model and the contrastive term (``conf/msfusion-paper.toml`` sets the same keys)."""
+BEFORE_KEY: dict[str, Any] = {"output-scaling": "scaler", "window-layout": "rolling", "block-count": 0}
 """For keys whose default is not what the app did before they existed: the value that reproduces it."""
 
 
@@ -515,17 +519,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"config key 'attack' must name an attack when attack-fraction > 0, got attack 'none' "
             f"with attack-fraction {config['attack-fraction']}"
         )
-    if config["window-layout"] == "blocks" and config["overlap"] != "auto":
-        raise ConfigError(
-            f"config key 'overlap' must be 'auto' with window-layout 'blocks' (blocks are disjoint; participants "
-            f"holding the same block overlap fully), got {config['overlap']!r}"
-        )
-    if config["block-count"] and config["window-layout"] != "blocks":
-        raise ConfigError(f"config key 'block-count' needs window-layout 'blocks', got window-layout {config['window-layout']!r}")
-    _check_shared_groups(config)
-    _check_block_count(config)
-    if config["window-layout"] == "blocks" and config["method"] != "msfusion":
-        raise ConfigError(f"config key 'window-layout' 'blocks' is an msfusion option, got method {config['method']!r}")
+    _check_windows(config)
     if config["screen-updates"] and config["clip-updates"] == 0:
         raise ConfigError(
             "config key 'screen-updates' needs clip-updates > 0 (it compares directions: an unclipped outsized "
@@ -587,13 +581,31 @@ def _check_reference(config: Mapping[str, Any]) -> None:
             )
 
 
+def _check_windows(config: Mapping[str, Any]) -> None:
+    """MSfusion's window keys agree with each other. ``window-layout``, ``block-count`` and ``shift-step`` are
+    msfusion's (other methods ignore them), and ``block-count`` is read only under the blocks layout."""
+    _check_shared_groups(config)
+    if config["method"] != "msfusion":
+        return
+    if config["window-layout"] == "blocks" and config["overlap"] != "auto":
+        raise ConfigError(
+            f"config key 'overlap' must be 'auto' with window-layout 'blocks' (blocks are disjoint; participants "
+            f"holding the same block overlap fully; set window-layout 'rolling' for a fixed overlap), got {config['overlap']!r}"
+        )
+    if config["window-layout"] == "blocks":
+        _check_block_count(config)
+
+
 def _check_shared_groups(config: Mapping[str, Any]) -> None:
     """Shared groups are some, not all, of the model's width groups, under the blocks layout."""
     names = parse_names(config["shared-groups"])
     if not names:
         return
-    if config["window-layout"] != "blocks":
-        raise ConfigError(f"config key 'shared-groups' needs window-layout 'blocks', got window-layout {config['window-layout']!r}")
+    if config["window-layout"] != "blocks" or config["method"] != "msfusion":
+        raise ConfigError(
+            f"config key 'shared-groups' needs method 'msfusion' with window-layout 'blocks', got method "
+            f"{config['method']!r} with window-layout {config['window-layout']!r}"
+        )
     groups = tuple(getattr(_model_class(config), "FULL_WIDTHS", {}))
     unknown = [name for name in names if name not in groups]
     if unknown or set(names) >= set(groups):
@@ -615,7 +627,7 @@ def _check_block_count(config: Mapping[str, Any]) -> None:
     if config["block-count"] > fits:
         raise ConfigError(
             f"config key 'block-count' must be at most {fits} (the blocks of split ratio {ratio:g} that fit model "
-            f"{config['model']!r}), got {config['block-count']}"
+            f"{config['model']!r}; or window-layout 'rolling'), got {config['block-count']}"
         )
 
 

@@ -32,8 +32,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 NODES = 4
-COMMON = {"num-server-rounds": 3, "data-fraction": 0.05, "min-available-nodes": NODES, "eval-every": 3, "classifier-scaler": True}
-"""``classifier-scaler = true`` spelled out: the behaviour before ``output-scaling`` (whose default is now ``calibrated``)."""
+PAPER = {"window-layout": "rolling", "block-count": 0, "shift-step": 1, "contrastive-weight": 1.0}
+"""msfusion's windows and contrastive term before its default became 2 blocks without the term (issue 12)."""
+COMMON = {"num-server-rounds": 3, "data-fraction": 0.05, "min-available-nodes": NODES, "eval-every": 3, "classifier-scaler": True, **PAPER}
+"""``classifier-scaler = true`` spelled out: the behaviour before ``output-scaling`` (whose default is now ``calibrated``);
+likewise :data:`PAPER`, dropped for revisions older than its keys (:func:`current_keys`)."""
 RUNS: dict[str, dict[str, Any]] = {
     "msfusion": {"method": "msfusion", "checkpoint-every": 1},
     "msfusion-fixed-overlap-budgets": {"method": "msfusion", "overlap": 0.5, "budgets": "0.25,0.5,1.0"},
@@ -66,6 +69,8 @@ def current_keys(config: dict[str, Any]) -> dict[str, Any]:
     renamed = getattr(app_config, "RENAMED", {})
     out = {}
     for key, value in config.items():
+        if key in PAPER and key not in app_config.DEFAULTS:
+            continue  # a revision from before the key did what PAPER spells out
         if key in renamed and key not in app_config.DEFAULTS:
             new, convert = renamed[key]
             out[new] = convert(value)

@@ -4,7 +4,8 @@ For split ratio r (default 0.25) and for r = 1 (the full model), this builds the
 real train messages with the MSfusion strategy (``configure_train``) and runs
 the real ClientApp handler (``participant.train``) on one participant's data,
 for several rounds so that the contrastive loss (which needs the previous
-round's sub-model) is included. It prints the array bytes received per round
+round's sub-model) is included: MSfusion as the paper reads it (``MSFUSION_PAPER``,
+rolling windows over the full model; its default blocks do not fit r = 1). It prints the array bytes received per round
 and the median local training time, and their ratios.
 
     .venv/bin/python scripts/measure_cost.py --split-ratio 0.25 --rounds 3
@@ -21,7 +22,7 @@ import statistics
 import torch
 from flwr.app import ArrayRecord
 
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.device import participant
 from msfusion_flwr.engine import SplitSpec
 from msfusion_flwr.experiments.loopback import LoopbackGrid
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--data-fraction", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = {"data-fraction": args.data_fraction, "partitioner": "iid"}
+    base = {"data-fraction": args.data_fraction, "partitioner": "iid", **MSFUSION_PAPER}
     sub_bytes, sub_time = measure({**base, "split-ratio": args.split_ratio}, args.participants, args.rounds, args.node)
     full_bytes, full_time = measure({**base, "split-ratio": 1.0}, args.participants, args.rounds, args.node)
     full_params = sum(p.numel() for p in build_model("cnn").parameters())

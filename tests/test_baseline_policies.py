@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.engine import SplitSpec
 from msfusion_flwr.engine.policies import (
     DoubleShift,
@@ -137,8 +137,10 @@ def test_budgets_node_config_wins_then_list_then_default():
 
 @pytest.mark.parametrize("method", sorted(POLICIES))
 def test_every_method_sends_sub_models_sized_by_the_budgets(method):
-    """Each participant's message is cut to its own budget (budgets list), for every partial-training method."""
-    config = RunConfig.from_mapping({"method": method, "budgets": "0.25,0.5,1.0", "split-ratio": 0.25})
+    """Each participant's message is cut to its own budget (budgets list), for every partial-training method
+    (msfusion with the paper's rolling windows: its default blocks are cut at the smallest budget, test_block_windows)."""
+    paper = MSFUSION_PAPER if method == "msfusion" else {}
+    config = RunConfig.from_mapping({"method": method, "budgets": "0.25,0.5,1.0", "split-ratio": 0.25, **paper})
     global_model = build_model("cnn", global_widths(config))
     spec = SplitSpec.from_model(global_model)
     strategy = make_strategy(config, spec)

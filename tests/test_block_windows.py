@@ -225,7 +225,7 @@ def test_shared_groups_are_one_block_wide_and_held_whole_by_everyone(shared, blo
 def test_a_shared_trunk_is_held_by_every_block_and_the_branches_stay_apart():
     """With conv1 and conv2 shared, every weight into conv3 from the trunk survives zero_outside, while conv3 ->
     fc keeps only its block diagonal."""
-    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "shared-groups": "conv1,conv2"})
+    run = RunConfig.from_mapping({"window-layout": "blocks", "split-ratio": 0.25, "block-count": 0, "shared-groups": "conv1,conv2"})
     model = build_model("cnn", global_widths(run))
     spec = SplitSpec.from_model(model)
     state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -243,7 +243,8 @@ def test_a_shared_trunk_is_held_by_every_block_and_the_branches_stay_apart():
     [
         ({"window-layout": "blocks", "shared-groups": "conv9"}, "some but not all of model 'cnn'"),
         ({"window-layout": "blocks", "shared-groups": "conv1,conv2,conv3,fc"}, "some but not all"),
-        ({"shared-groups": "conv1"}, "needs window-layout 'blocks'"),
+        ({"shared-groups": "conv1", "window-layout": "rolling"}, "needs method 'msfusion' with window-layout 'blocks'"),
+        ({"shared-groups": "conv1", "method": "heterofl"}, "needs method 'msfusion' with window-layout 'blocks'"),
     ],
 )
 def test_shared_groups_refuse_what_they_cannot_do_in_one_line(overrides, message):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lm_corpus import lm_config, write_corpus
 
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.data import load_test_set, model_kwargs
 from msfusion_flwr.device import participant
 from msfusion_flwr.engine import (
@@ -139,9 +139,11 @@ def test_every_model_calibrates_exactly_its_output_layer():
 
 
 def lm_perplexities(corpus: str, scaling: str, rounds: int = 5) -> list[float]:
-    """Test perplexity of the fused Transformer LM after each of ``rounds`` MSfusion rounds (4 participants, r = 1/4)."""
+    """Test perplexity of the fused Transformer LM after each of ``rounds`` MSfusion rounds (4 participants, r = 1/4;
+    the paper's rolling windows over the full model, whose fused outputs sum windows trained apart)."""
     torch.manual_seed(0)
-    config = RunConfig.from_mapping(lm_config(corpus, method="msfusion", **{"output-scaling": scaling, "contrastive-weight": 0.0}))
+    paper = {**MSFUSION_PAPER, "contrastive-weight": 0.0}
+    config = RunConfig.from_mapping(lm_config(corpus, method="msfusion", **{"output-scaling": scaling, **paper}))
     global_model = build_model("transformer", global_widths(config), **model_kwargs(config.data))
     strategy = make_strategy(config, SplitSpec.from_model(global_model))
     global_model.load_state_dict(strategy.initial_state(global_model.state_dict()))

@@ -272,10 +272,12 @@ def test_short_harness_run_end_to_end_and_resumes(tmp_path):
 
 def test_an_interrupted_checkpointing_run_continues_from_its_checkpoint(tmp_path):
     """With checkpoint-every, an unfinished run resumes after its checkpoint in its own folder and
-    ends as it did uninterrupted; a checkpoint of another config is not resumed."""
+    ends as it did uninterrupted, participants' state included (the contrastive term keeps each one's previous
+    sub-model); a checkpoint of another config is not resumed."""
     import torch
 
-    matrix = load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points="[[points]]\ncheckpoint-every = 2"))
+    points = "[[points]]\ncheckpoint-every = 2\ncontrastive-weight = 1.0"
+    matrix = load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points=points))
     (spec,) = expand(matrix)
     results = tmp_path / "results"
     run_matrix([spec], results)

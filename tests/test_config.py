@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msfusion_flwr.config import DEFAULTS, ConfigError, resolve_config
+from msfusion_flwr.config import DEFAULTS, MSFUSION_PAPER, ConfigError, resolve_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 NAN, INF = math.nan, math.inf
@@ -186,12 +186,31 @@ VALID_EDGES: list[tuple[str, object]] = [
 ]
 
 
+def rolling_for(key: str) -> dict[str, str]:
+    """The rolling layout for keys whose whole range only it accepts: a fixed overlap, and split ratios above 1/2
+    (where msfusion's default 2 disjoint blocks do not fit)."""
+    return {"window-layout": "rolling"} if key in ("split-ratio", "overlap") else {}
+
+
 @pytest.mark.parametrize(("key", "value"), VALID_EDGES, ids=[f"{k}={v!r}" for k, v in VALID_EDGES])
 def test_valid_edge_values_pass(key, value):
-    """Boundary values inside the documented ranges are accepted unchanged."""
-    resolved = resolve_config({key: value})
+    """Boundary values inside the documented ranges are accepted unchanged (see :func:`rolling_for`)."""
+    extra = rolling_for(key)
+    resolved = resolve_config({key: value, **extra})
     assert resolved[key] == value
-    assert {k: v for k, v in resolved.items() if k != key} == {k: v for k, v in DEFAULTS.items() if k != key}
+    assert {k: v for k, v in resolved.items() if k != key} == {k: v for k, v in {**DEFAULTS, **extra}.items() if k != key}
+
+
+def test_split_ratios_above_half_need_rolling_windows_or_one_block_for_msfusion_only():
+    """Two disjoint blocks (msfusion's default) do not fit a split ratio above 1/2: a one-line error that names
+    block-count and the way out; other methods ignore msfusion's window keys."""
+    with pytest.raises(ConfigError, match="'block-count' must be at most 1 .*window-layout 'rolling'.*got 2") as info:
+        resolve_config({"split-ratio": 0.75})
+    assert "\n" not in str(info.value)
+    assert resolve_config({"split-ratio": 0.75, "block-count": 1})["block-count"] == 1
+    assert resolve_config({"split-ratio": 0.75, "window-layout": "rolling"})["split-ratio"] == 0.75
+    for method in ("fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord"):
+        assert resolve_config({"split-ratio": 1.0, "method": method})["method"] == method
 
 
 def test_pyproject_config_equals_defaults():
@@ -278,10 +297,10 @@ any_value = (
 def test_numeric_keys_accept_exactly_their_range(key, value):
     """For arbitrary values, a numeric key is accepted iff the value is in its documented range."""
     if expected_valid(key, value):
-        assert resolve_config({key: value})[key] == value
+        assert resolve_config({key: value, **rolling_for(key)})[key] == value
     else:
         with pytest.raises(ConfigError) as info:
-            resolve_config({key: value})
+            resolve_config({key: value, **rolling_for(key)})
         assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -293,15 +312,17 @@ def test_dropout_and_straggler_rates_must_leave_someone_training():
     assert resolve_config({"dropout-rate": 0.5, "straggler-rate": 0.4})["straggler-rate"] == 0.4
 
 
-def test_block_windows_refuse_a_fixed_overlap_and_other_methods():
-    """window-layout 'blocks' is MSfusion's, with disjoint blocks: a fixed overlap or another method is a one-line error."""
-    for bad, key in (({"overlap": 0.5}, "'overlap'"), ({"method": "fedrolex"}, "'window-layout'")):
-        with pytest.raises(ConfigError, match=key) as info:
-            resolve_config({"window-layout": "blocks", **bad})
-        assert "\n" not in str(info.value)
+def test_block_windows_refuse_a_fixed_overlap_and_a_block_count_that_does_not_fit():
+    """window-layout 'blocks' (msfusion's default) has disjoint blocks: a fixed overlap is a one-line error, and so
+    is a block count that does not fit; other methods ignore msfusion's window keys, and the rolling layout ignores
+    block-count."""
+    with pytest.raises(ConfigError, match="'overlap'.*window-layout 'rolling'") as info:
+        resolve_config({"overlap": 0.5})
+    assert "\n" not in str(info.value)
+    assert resolve_config({"overlap": 0.5, "window-layout": "rolling"})["overlap"] == 0.5
+    assert resolve_config({"method": "fedrolex", "overlap": 0.5, "block-count": 9})["method"] == "fedrolex"
+    assert resolve_config({"window-layout": "rolling", "block-count": 9})["block-count"] == 9
     assert resolve_config({"window-layout": "blocks", "shift-step": 0})["window-layout"] == "blocks"
-    with pytest.raises(ConfigError, match="'block-count' needs window-layout 'blocks'"):
-        resolve_config({"block-count": 2})
     with pytest.raises(ConfigError, match="'block-count' must be at most 4 .*got 5") as info:
         resolve_config({"window-layout": "blocks", "block-count": 5})
     assert "\n" not in str(info.value)
@@ -365,3 +386,14 @@ def test_a_renamed_key_is_refused_with_its_replacement():
         with pytest.raises(ConfigError) as info:
             resolve_config({"classifier-scaler": old})
         assert f"replaced by 'output-scaling': classifier-scaler = {old!r} is output-scaling = {new}" in str(info.value)
+
+
+def test_the_paper_preset_is_msfusion_paper():
+    """conf/msfusion-paper.toml sets exactly MSFUSION_PAPER's window and contrastive keys, and each differs from
+    today's default (so the preset does change what runs)."""
+    with (PYPROJECT.parent / "conf" / "msfusion-paper.toml").open("rb") as f:
+        preset = tomllib.load(f)
+    for key, value in MSFUSION_PAPER.items():
+        assert preset[key] == value, key
+    assert {key for key, value in MSFUSION_PAPER.items() if DEFAULTS[key] != value} == {"window-layout", "block-count", "contrastive-weight"}
+    assert resolve_config(preset)["window-layout"] == "rolling"

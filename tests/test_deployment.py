@@ -31,6 +31,7 @@ RUN_TIMEOUT_S = 300
 
 
 import msfusion_flwr.deployment as dl  # noqa: E402
+from msfusion_flwr.config import MSFUSION_PAPER  # noqa: E402
 
 
 def _quick(output_dir: Path, rounds: int, nodes: int) -> dict[str, object]:
@@ -134,7 +135,7 @@ def test_supernode_killed_in_round_2_is_left_out_and_rejoins(app: Path, tmp_path
     import threading
 
     output_dir = tmp_path / "outputs" / "kill"
-    config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 45.0}
+    config = {**_quick(output_dir, rounds=3, nodes=3), "round-timeout": 45.0, **MSFUSION_PAPER}  # slices cut to each node's budget
     dep = dl.LocalDeployment(nodes=3, budgets=(0.25, 0.5, 1.0), app_dir=app, work_dir=tmp_path / "deploy", node_threads=1)
     results: list = []
     with dep:

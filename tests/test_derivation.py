@@ -440,8 +440,9 @@ def test_config_takes_torchvision_names_and_refuses_what_it_cannot_run():
 
 
 def test_msfusion_trains_a_torchvision_model_through_the_simulation_engine(tmp_path, monkeypatch):
-    """One round of MSfusion on torchvision's MobileNetV2 (depthwise convs; grayscale Fashion-MNIST, r = 1/4):
-    both replies are fused into the full-width model and the round's coverage is partial. The server
+    """One round of MSfusion (its default: 2 blocks) on torchvision's MobileNetV2 (depthwise convs; grayscale
+    Fashion-MNIST, r = 1/4): both replies are fused into the global model, which the server builds 2 blocks wide
+    (half of every width group) from the derived class, and the round's coverage is partial. The server
     evaluates on 500 test images (the full test set would take most of the test's time)."""
     from torch.utils.data import TensorDataset
 
@@ -464,4 +465,8 @@ def test_msfusion_trains_a_torchvision_model_through_the_simulation_engine(tmp_p
     assert rows[-1]["participants"] == [0, 1] and rows[-1]["failures"] == []
     assert 0 < rows[-1]["coverage"] < 1
     fused = torch.load(out / MODEL_FILE)
-    assert {k: v.shape for k, v in fused.items()} == {k: v.shape for k, v in build_model("torchvision:mobilenet_v2").state_dict().items()}
+    from msfusion_flwr.server.methods import global_widths
+
+    widths = global_widths(RunConfig.from_mapping({"model": "torchvision:mobilenet_v2"}))
+    assert widths == {g: 2 * round(k / 4) for g, k in model_class("torchvision:mobilenet_v2").FULL_WIDTHS.items()}
+    assert {k: v.shape for k, v in fused.items()} == {k: v.shape for k, v in build_model("torchvision:mobilenet_v2", widths).state_dict().items()}

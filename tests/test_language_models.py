@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.device.losses import representation
 from msfusion_flwr.device.training import TrainSettings, train_local
 from msfusion_flwr.engine import SplitSpec, SubmodelUpdate, aggregate, plan_widths, slice_state
@@ -35,7 +35,10 @@ def sub_model(name: str, global_model: nn.Module, plan: dict[str, Tensor], rate:
 
 
 def policy_plan(method: str, name: str, rate: float = 0.25, rank: int = 3) -> dict[str, Tensor]:
-    config = RunConfig.from_mapping({"method": method, "model": name, "dataset": "wikitext-2", "partitioner": "iid"})
+    """A plan over the full model's widths; msfusion with the paper's rolling windows (its default blocks plan over
+    a global model 2 blocks wide, server.methods.global_widths)."""
+    paper = MSFUSION_PAPER if method == "msfusion" else {}
+    config = RunConfig.from_mapping({"method": method, "model": name, "dataset": "wikitext-2", "partitioner": "iid", **paper})
     widths = build_model(name, **LM_KWARGS).FULL_WIDTHS  # type: ignore[attr-defined]
     request = PlanRequest(widths=widths, ratio=rate, rank=rank, num_participants=10, server_round=4, partition_id=rank)
     return POLICIES[method](config.method).assign(request).plan
@@ -195,7 +198,7 @@ def test_local_training_of_an_lm_slice_lowers_its_loss_and_is_metered(name):
     model = sub_model(name, full, plan, 0.25)
     before = scaled_loss(model, data)
     previous = representation(sub_model(name, full, policy_plan("msfusion", name, rank=4), 0.25), policy_plan("msfusion", name, rank=4), full.FULL_WIDTHS)
-    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=3e-3, optimizer="adam", weight_decay=0.0)
+    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=3e-3, optimizer="adam", weight_decay=0.0, contrastive_weight=1.0)
     metrics = train_local(model, data, settings, representation(model, plan, full.FULL_WIDTHS), previous)
     assert scaled_loss(model, data) < 0.5 * before
     assert metrics["train-flops"] > 0 and metrics["peak-memory-bytes"] > 0 and metrics["train-contrastive"] > 0

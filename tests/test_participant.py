@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from msfusion_flwr import models
-from msfusion_flwr.config import RunConfig
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.device import participant
 from msfusion_flwr.engine import SplitSpec
 from msfusion_flwr.experiments.loopback import LoopbackGrid
@@ -17,7 +17,9 @@ from msfusion_flwr.server.methods import make_strategy
 
 
 def round_messages(config: dict, grid: LoopbackGrid, server_round: int, state: dict) -> dict:
-    resolved = RunConfig.from_mapping(config)
+    """One round's messages from a strategy over the full CNN: msfusion as the paper reads it (rolling windows over
+    the full model, the contrastive term), unless ``config`` says otherwise."""
+    resolved = RunConfig.from_mapping({**MSFUSION_PAPER, **config})
     strategy = make_strategy(resolved, SplitSpec.from_model(models.build_model("cnn")))
     messages = strategy.configure_train(server_round, ArrayRecord(state), client_config(resolved), grid)
     return {m.metadata.dst_node_id: m for m in messages}

@@ -12,10 +12,10 @@ from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import RunConfig
 from msfusion_flwr.device import participant
 from msfusion_flwr.engine import SplitSpec, flat_positions
-from msfusion_flwr.engine.policies import DoubleShift
+from msfusion_flwr.engine.policies import PlanRequest
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, METRICS
-from msfusion_flwr.server.methods import make_strategy
+from msfusion_flwr.server.methods import global_widths, make_strategy
 from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
 
 QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "test-examples": 1000, "partitioner": "iid", "eval-every": 100, "seed": 3}
@@ -69,12 +69,15 @@ def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(
     assert [f.split(" (node")[0] for f in row["failures"]] == [f"partition {p}" for p in range(1, 7)]
     for expected in ("shape", "non-finite", "array names differ", "must be at least 1", "has dtype float64, expected float32"):
         assert expected in reasons
+    run = RunConfig.from_mapping(QUICK)
+    widths = global_widths(run)  # msfusion's default: 2 blocks wide
     torch.manual_seed(QUICK["seed"])  # the server's initial model, its output layer calibrated
-    initial = build_model("cnn").state_dict()
+    initial = build_model("cnn", widths).state_dict()
     final = torch.load(out / MODEL_FILE)
-    spec = SplitSpec.from_model(build_model("cnn"))
-    initial = make_strategy(RunConfig.from_mapping(QUICK), spec).initial_state(initial)
-    honest_plan = DoubleShift().plan(spec.widths, 0.25, 0, 7, 1)  # rank 0 of 7, round 1
+    spec = SplitSpec.from_model(build_model("cnn", widths))
+    strategy = make_strategy(run, spec)
+    initial = strategy.initial_state(initial)
+    honest_plan = strategy.policy.assign(PlanRequest(spec.widths, 0.25, 0, 7, 1)).plan  # rank 0 of 7, round 1
     positions = spec.positions(honest_plan)
     for key, tensor in final.items():
         assert torch.isfinite(tensor).all()
@@ -88,7 +91,7 @@ def test_bad_updates_are_left_out_with_reasons_and_never_touch_the_global_model(
 def test_same_config_and_seed_give_identical_metrics_and_model(tmp_path):
     """Two runs of one config (contrastive loss on, 2 rounds) agree on everything but wall times."""
     runs = [
-        run_experiment({**QUICK, "num-server-rounds": 2, "min-available-nodes": 3,
+        run_experiment({**QUICK, "num-server-rounds": 2, "min-available-nodes": 3, "contrastive-weight": 1.0,
                         "output-dir": str(tmp_path / name)}, num_supernodes=3)
         for name in ("a", "b")
     ]

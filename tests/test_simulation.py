@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from msfusion_flwr.apps import run_experiment
+from msfusion_flwr.config import MSFUSION_PAPER, RunConfig
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import array_bytes
+from msfusion_flwr.server.methods import global_widths
 from msfusion_flwr.server.reporting import CONFIG_FILE, CURVES_FILE, MODEL_FILE, read_metrics
 
 QUICK = {
@@ -46,7 +48,9 @@ def test_msfusion_simulation_learns_and_writes_outputs(tmp_path):
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["split-ratio"] == 0.25 and config["method"] == "msfusion"
     state = torch.load(out / MODEL_FILE)
-    build_model("cnn").load_state_dict(state)  # the saved model is the full global model
+    widths = global_widths(RunConfig.from_mapping(config))
+    assert widths == {g: 2 * k // 4 for g, k in build_model("cnn").FULL_WIDTHS.items()}  # msfusion's default: 2 blocks
+    build_model("cnn", widths).load_state_dict(state)  # the saved model is the global model
     assert (out / CURVES_FILE).stat().st_size > 0
 
 
@@ -71,8 +75,8 @@ def test_msfusion_at_full_width_without_contrastive_matches_flower_fedavg(tmp_pa
         "momentum": 0.0,
     }
     fedavg = run_experiment({**common, "method": "fedavg", "output-dir": str(tmp_path / "fedavg")}, num_supernodes=4)
-    msfusion = run_experiment(
-        {**common, "method": "msfusion", "split-ratio": 1.0, "output-dir": str(tmp_path / "msfusion")},
+    msfusion = run_experiment(  # the paper's rolling windows: at r = 1 every window is the whole model
+        {**common, "method": "msfusion", "split-ratio": 1.0, **MSFUSION_PAPER, "contrastive-weight": 0.0, "output-dir": str(tmp_path / "msfusion")},
         num_supernodes=4,
     )
     a, b = torch.load(fedavg / MODEL_FILE), torch.load(msfusion / MODEL_FILE)

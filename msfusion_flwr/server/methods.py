@@ -63,7 +63,7 @@ def global_widths(run: RunConfig) -> dict[str, int] | None:
     m = run.method
     if m.name == "fedavg-small":
         return {name: window_length(m.split_ratio, k) for name, k in full.items()}
-    if m.window_layout == "blocks" and (m.block_count or m.shared_groups):
+    if m.name == "msfusion" and m.window_layout == "blocks" and (m.block_count or m.shared_groups):
         ratio = m.block_ratio
         return {
             name: window_length(ratio, k) if name in m.shared_groups else (m.block_count * window_length(ratio, k) if m.block_count else k)
