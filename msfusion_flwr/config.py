@@ -101,8 +101,15 @@ class TrainSettings:
     weight_decay: float = 5e-4
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.5
+    codistill_weight: float = 0.0
+    codistill_temperature: float = 1.0
     optimizer: str = "sgd"
     seed: int = 0
+
+    @property
+    def keeps_previous(self) -> bool:
+        """Whether a participant needs its previous round's sub-model (the contrastive term's or codistillation's)."""
+        return self.contrastive_weight > 0 or self.codistill_weight > 0
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,8 @@ KEYS: dict[str, Key] = {
     "distill-temperature": _key("distill", "temperature", _number(0.0, INF, True, True)),
     "contrastive-weight": _key("local", "contrastive_weight", _number(0.0, INF, False, True)),
     "contrastive-temperature": _key("local", "contrastive_temperature", _number(0.0, INF, True, True)),
+    "codistill-weight": _key("local", "codistill_weight", _number(0.0, INF, False, True)),
+    "codistill-temperature": _key("local", "codistill_temperature", _number(0.0, INF, True, True)),
     "output-scaling": _key("model", "output_scaling", _choice(OUTPUT_SCALINGS)),
     "local-epochs": _key("local", "epochs", _integer(1)),
     "batch-size": _key("local", "batch_size", _integer(1)),

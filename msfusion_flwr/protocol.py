@@ -57,6 +57,8 @@ CLIENT_KEYS = (
     "optimizer",
     "contrastive-weight",
     "contrastive-temperature",
+    "codistill-weight",
+    "codistill-temperature",
     "output-scaling",
     "dropout-rate",
     "straggler-rate",
@@ -74,11 +76,14 @@ CLIENT_KEYS = (
 def client_config(run: RunConfig) -> ConfigRecord:
     """The part of a run config that participants need, as a config record.
 
-    Only MSfusion trains with the contrastive term; every other method sends
-    ``contrastive-weight = 0`` (plain cross-entropy). The state tag is the
+    Only MSfusion trains with the contrastive term and codistillation; every
+    other method sends ``contrastive-weight = codistill-weight = 0`` (plain
+    cross-entropy). The state tag is the
     run's fingerprint.
     """
-    local = run.local if run.method.name == "msfusion" else dataclasses.replace(run.local, contrastive_weight=0.0)
+    local = run.local if run.method.name == "msfusion" else dataclasses.replace(
+        run.local, contrastive_weight=0.0, codistill_weight=0.0
+    )
     flat = dataclasses.replace(run, local=local).to_dict()
     record = ConfigRecord({key: flat[key] for key in CLIENT_KEYS})
     record[STATE_TAG] = run.fingerprint()

@@ -1,4 +1,4 @@
-"""MSfusion's contrastive loss, on representations placed in the global feature space.
+"""MSfusion's contrastive loss, on representations placed in the global feature space, and codistillation.
 
     l_con = -log( exp(cos(z, z_g)/tau) / (exp(cos(z, z_g)/tau) + exp(cos(z, z_p)/tau)) )
 
@@ -66,3 +66,17 @@ def contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, temperature: f
     negative = F.cosine_similarity(z, z_prev, dim=1) / temperature
     logits = torch.stack([positive, negative], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long))
+
+
+def codistillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(t/T) || softmax(s/T))``, mean over examples (over tokens for an LM's (B, L, V) logits).
+
+    Codistillation (Anil et al., 2018): a model learns from a stale copy of a
+    peer's predictions on its own batch. Here the peer is the participant's
+    previous sub-model; the ``T^2`` factor keeps the gradient's scale
+    independent of ``T`` (Hinton et al., 2015).
+    """
+    classes = logits.shape[-1]
+    student = F.log_softmax(logits.reshape(-1, classes) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2

@@ -22,7 +22,7 @@ class ResourceMeter:
     """Measured cost of one participant's local training.
 
     FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the first
-    step (forward, backward and the contrastive term's extra forward passes;
+    step (forward, backward and the extra forward passes of the contrastive term and codistillation;
     the counter covers matmul/conv-like operators, not element-wise ones),
     scaled by the number of examples trained on. Peak memory comes from
     :class:`PeakTensorMemory` (parameters, gradients, optimizer state, the

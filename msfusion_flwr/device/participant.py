@@ -83,12 +83,12 @@ def train(message: Message, context: Context) -> Message:
     local = dataclasses.replace(run.local, seed=training_seed(data.seed, run.server_round, partition_id))
     current = representation(model, plan, full_widths)
     previous = None
-    if local.contrastive_weight > 0:
+    if local.keeps_previous:
         restore_previous(context.state, run, partition_id)
         previous = previous_representation(context.state, make_model)
 
     metrics = train_local(model, dataset, local, current, previous)
-    if local.contrastive_weight > 0:
+    if local.keeps_previous:
         keep_as_previous(context.state, model, plan, full_widths, run.split_rate)
         persist_previous(context.state, run, partition_id)
 

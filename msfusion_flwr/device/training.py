@@ -1,9 +1,11 @@
-"""Local training of a participant's sub-model: ``CE + mu * l_con``, one fresh optimizer per round.
+"""Local training of a participant's sub-model: ``CE + mu * l_con + beta * l_kd``, one fresh optimizer per round.
 
 CE is over classes for images and over the next token at every position for
 language models (:func:`~msfusion_flwr.models.evaluation.token_cross_entropy`);
-``l_con`` is MSfusion's contrastive loss (:mod:`.losses`), used when the
-participant kept its previous round's sub-model and ``contrastive-weight`` > 0.
+``l_con`` is MSfusion's contrastive loss and ``l_kd`` codistillation toward the
+previous sub-model's predictions (:mod:`.losses`), each used when the
+participant kept its previous round's sub-model and its weight
+(``contrastive-weight``, ``codistill-weight``) is positive.
 The first steps are measured (:mod:`.metering`).
 """
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import TrainSettings
 from ..models.evaluation import token_cross_entropy
 from ..models.optimizers import make_optimizer
-from .losses import Representation, contrastive_loss, embed_features
+from .losses import Representation, codistillation_loss, contrastive_loss, embed_features
 from .metering import ResourceMeter, resident_tensors
 
 
@@ -50,7 +52,8 @@ def train_local(
 
     ``current`` holds the feature placement of ``model``; its frozen copy is
     ``z_g``. ``previous`` (the sub-model of this participant's last round) gives
-    ``z_p``; without it, or with ``contrastive_weight == 0``, only CE is used.
+    ``z_p`` and, under codistillation, the teacher's logits; without it, or
+    with both weights 0, only CE is used.
     """
     torch.manual_seed(settings.seed)
     loader = DataLoader(
@@ -61,22 +64,34 @@ def train_local(
     )
     optimizer = make_optimizer(model, settings.optimizer, settings.learning_rate, settings.momentum, settings.weight_decay)
     use_contrastive = settings.contrastive_weight > 0 and previous is not None
+    use_codistill = settings.codistill_weight > 0 and previous is not None
     received = Representation(frozen_copy(model), current.feature_index, current.width)
-    models = [model, received.model] + ([previous.model] if use_contrastive else [])  # type: ignore[union-attr]
+    models = [model, received.model] + ([previous.model] if use_contrastive or use_codistill else [])  # type: ignore[union-attr]
     meter = ResourceMeter()
-    totals = {"ce": 0.0, "con": 0.0}
+    totals = {"ce": 0.0, "con": 0.0, "kd": 0.0}
 
     def step(x: Tensor, y: Tensor) -> None:
         logits, z = model.outputs(x)  # type: ignore[operator]
         ce = token_cross_entropy(logits, y)
-        del logits  # backward needs the log-softmax, not the logits: free them before the backward pass
         loss = ce
+        if use_codistill:
+            with torch.no_grad():
+                teacher_logits, z_teacher = previous.model.outputs(x)  # type: ignore[union-attr,operator]
+            kd = codistillation_loss(logits, teacher_logits, settings.codistill_temperature)
+            loss = loss + settings.codistill_weight * kd
+            totals["kd"] += kd.item()
+        del logits  # backward needs the log-softmax, not the logits: free them before the backward pass
         if use_contrastive:
             with torch.no_grad():
-                z_global, z_prev = received(x), previous(x)  # type: ignore[misc]
+                z_global = received(x)
+                z_prev = (
+                    embed_features(z_teacher, previous.feature_index, previous.width)  # type: ignore[union-attr]
+                    if use_codistill
+                    else previous(x)  # type: ignore[misc]
+                )
             z_embedded = embed_features(z, current.feature_index, current.width)
             con = contrastive_loss(z_embedded, z_global, z_prev, settings.contrastive_temperature)
-            loss = ce + settings.contrastive_weight * con
+            loss = loss + settings.contrastive_weight * con
             totals["con"] += con.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,9 +114,11 @@ def train_local(
     steps_or_one = max(steps, 1)
     return {
         "num-examples": float(len(dataset)),  # type: ignore[arg-type]
-        "train-loss": (totals["ce"] + settings.contrastive_weight * totals["con"]) / steps_or_one,
+        "train-loss": (totals["ce"] + settings.contrastive_weight * totals["con"] + settings.codistill_weight * totals["kd"])
+        / steps_or_one,
         "train-ce": totals["ce"] / steps_or_one,
         "train-contrastive": totals["con"] / steps_or_one,
+        "train-codistill": totals["kd"] / steps_or_one,
         "train-steps": float(steps),
         "train-time-s": time.perf_counter() - start,
         "trained-params": float(sum(p.numel() for p in model.parameters())),

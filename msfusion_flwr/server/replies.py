@@ -62,6 +62,7 @@ TRAIN_METRICS: dict[str, MetricRule] = {
     "train-loss": MetricRule(required=True),
     "train-ce": MetricRule(minimum=0),
     "train-contrastive": MetricRule(),
+    "train-codistill": MetricRule(minimum=0),
     "train-steps": MetricRule(integer=True, minimum=0),
     "train-time-s": MetricRule(minimum=0),
     "handler-time-s": MetricRule(minimum=0),
