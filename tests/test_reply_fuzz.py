@@ -33,7 +33,7 @@ WIDTHS = {"conv1": 4, "conv2": 8, "conv3": 8, "fc": 16}
 
 
 def honest_metrics(partition_id: int) -> dict[str, float]:
-    return {"num-examples": 40.0, "train-loss": 1.5, "train-ce": 1.4, "train-contrastive": 0.1, "train-steps": 2.0,
+    return {"num-examples": 40.0, "train-loss": 1.5, "train-ce": 1.4, "train-contrastive": 0.1, "train-codistill": 0.2, "train-steps": 2.0,
             "train-time-s": 0.2, "handler-time-s": 0.3, "trained-params": 900.0, "train-flops": 1e6, "peak-memory-bytes": 1e5,
             "partition-id": float(partition_id)}  # fmt: skip
 
