@@ -52,7 +52,7 @@ def test_plan_matches_definition(widths, ratio, m, data, t, d, inter):
     count = min(k // lengths[g] for g, k in widths.items())
     block = ((rank if inter else 0) + (t - 1) * d) % count
     assignment = BlockShift(ratio, d, inter).assign(request(widths, ratio, rank, m, t))
-    assert assignment.rate == ratio
+    assert assignment.rate == 1.0  # a block reads only its own block's units, in training as in the fused model
     for g in widths:
         assert assignment.plan[g].dtype == torch.int64
         assert assignment.plan[g].tolist() == list(range(block * lengths[g], (block + 1) * lengths[g]))
@@ -76,7 +76,7 @@ def test_a_budget_below_the_block_ratio_is_refused_naming_the_partition():
     with pytest.raises(ValueError, match="partition 3 has a budget of 0.125") as info:
         BlockShift(0.25).assign(request(SMALL, 0.125, 3, 4, 1))
     assert "\n" not in str(info.value)
-    assert BlockShift(0.25).assign(request(SMALL, 0.5, 3, 4, 1)).rate == 0.25  # a larger budget trains a block
+    assert BlockShift(0.25).assign(request(SMALL, 0.5, 3, 4, 1)).rate == 1.0  # a larger budget trains a block
 
 
 def test_zero_outside_keeps_exactly_the_block_diagonal():
@@ -158,7 +158,7 @@ def test_a_block_count_narrows_the_global_model_to_that_many_blocks(m, t, d, blo
     for g, k in widths.items():
         w = k // blocks
         assert assignment.plan[g].tolist() == list(range(block * w, (block + 1) * w))
-    assert assignment.rate == 1 / blocks
+    assert assignment.rate == 1.0  # every block reads only itself: its Scalers are identity, as in the fused model
 
 
 def test_one_block_is_fedavg_small():
@@ -253,3 +253,26 @@ def test_shared_groups_refuse_what_they_cannot_do_in_one_line(overrides, message
     with pytest.raises(ConfigError, match=message) as info:
         RunConfig.from_mapping(overrides)
     assert "\n" not in str(info.value)
+
+
+def test_a_block_model_trains_as_the_function_the_fused_model_evaluates():
+    """Without shared groups a block's narrow model is built at rate 1, so its Scalers are identity in training too:
+    the Transformer LM (Scalers on residual branches, no norm after them) gives the same outputs in train and eval
+    mode, as the block-diagonal fused model computes it. At the block's share of the width it would not."""
+    from msfusion_flwr.engine import PlanRequest
+    from msfusion_flwr.models import build_model
+    from msfusion_flwr.models.language import TransformerLM
+
+    widths = TransformerLM.FULL_WIDTHS
+    policy = BlockShift(0.25, blocks=2)
+    assignment = policy.assign(PlanRequest(widths, 0.25, 0, 4, 1))
+    assert assignment.rate == 1.0
+    tokens = torch.randint(0, 50, (2, 8))
+    for rate, same in ((assignment.rate, True), (0.5, False)):
+        torch.manual_seed(0)
+        model = build_model("transformer", plan_widths(assignment.plan), rate, vocab_size=50, max_len=8)
+        with torch.no_grad():
+            trained, evaluated = model.train()(tokens), model.eval()(tokens)
+        assert torch.allclose(trained, evaluated) == same
+    shared = BlockShift(0.25, blocks=2, shared=frozenset({"conv1"}))
+    assert shared.assign(PlanRequest({"conv1": 8, "conv2": 16}, 0.25, 0, 4, 1)).rate == 0.5

@@ -216,7 +216,25 @@ class BlockShift:
         count = self.count(request.widths)
         offset = request.rank if self.inter_participant else 0
         block = (offset + (request.server_round - 1) * self.shift_step) % count
-        return Assignment(self.block_plan(request.widths, block), 1.0 / self.blocks if self.blocks else self.ratio)
+        return Assignment(self.block_plan(request.widths, block), self.scaler_rate)
+
+    @property
+    def scaler_rate(self) -> float:
+        """The rate a block's narrow model is built at (its HeteroFL Scalers divide by it while training).
+
+        1 without shared groups: every unit of a block reads only its own
+        block's units, in the fused model as in training (the weights between
+        blocks are zero), so a Scaler's premise, that the full model sums over
+        1/r times more inputs than the slice, does not hold, and dividing by r
+        would train each block as a function the fused model never computes
+        (for the language models, whose Scalers sit on residual branches
+        without a norm after them). With shared groups, a shared unit that
+        reads a cut group does sum over every block in the fused model, so the
+        block's share of the width is kept.
+        """
+        if not self.shared:
+            return 1.0
+        return 1.0 / self.blocks if self.blocks else self.ratio
 
 
 @dataclass(frozen=True)
