@@ -78,8 +78,7 @@ def client_config(run: RunConfig) -> ConfigRecord:
 
     Only MSfusion trains with the contrastive term and codistillation; every
     other method sends ``contrastive-weight = codistill-weight = 0`` (plain
-    cross-entropy). The state tag is the
-    run's fingerprint.
+    cross-entropy). The state tag is the run's fingerprint.
     """
     local = run.local if run.method.name == "msfusion" else dataclasses.replace(
         run.local, contrastive_weight=0.0, codistill_weight=0.0

@@ -158,12 +158,13 @@ class BlockShift:
     ``(t - 1) d mod B``) and roll across rounds by ``d = shift_step`` blocks.
     A weight between two blocks is never held, so a global model that starts
     with those weights at zero (:meth:`support`) stays block-diagonal: the
-    fused model is exactly the ensemble of the B narrow models (their logits
-    averaged under calibrated output scaling; for a model normalised per unit,
-    as the image models' static BatchNorm: a LayerNorm over a split width
-    normalises all blocks together), each trained by the participants that
-    held its block, and no unit ever sums windows trained apart. A participant holds ``ratio`` of the full model's width whatever
-    its own budget, which must not be smaller.
+    fused model is the ensemble of the B narrow models (their logits averaged
+    under calibrated output scaling), each trained by the participants that
+    held its block, and no unit ever sums windows trained apart. It is exactly
+    the ensemble where normalisation is per unit (the image models' static
+    BatchNorm); a LayerNorm over a split width normalises all blocks together.
+    A participant holds ``ratio`` of the full model's width whatever its own
+    budget, which must not be smaller.
 
     ``blocks`` > 0 is the number of blocks of a global model that is itself
     ``blocks`` blocks wide (``server.methods.global_widths``: ``blocks`` x the
