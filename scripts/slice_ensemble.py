@@ -40,7 +40,7 @@ class Tally:
         self.count = 0
 
     def add(self, log_probs: Tensor, y: Tensor) -> None:
-        """Add a batch of (..., C) log-probabilities (or logits: argmax is the same) against (...) targets."""
+        """Add a batch of (..., C) log-probabilities against (...) targets."""
         self.loss += float(F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), y.reshape(-1), reduction="sum"))
         self.correct += int((log_probs.argmax(-1) == y).sum())
         self.count += y.numel()
