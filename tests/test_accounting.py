@@ -16,25 +16,11 @@ from msfusion_flwr.device.metering import PeakTensorMemory, resident_tensors
 from msfusion_flwr.device.training import TrainSettings, train_local
 from msfusion_flwr.engine import SplitSpec, slice_state
 from msfusion_flwr.experiments.loopback import LoopbackGrid
-from msfusion_flwr.models import ImageClassifier, build_model
+from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, PLAN, client_config, decode_plan
 from msfusion_flwr.server.methods import make_strategy
+from two_layer import TwoLayer
 from msfusion_flwr.server.reporting import CumulativeCosts, summarize_costs
-
-
-class TwoLayer(ImageClassifier):
-    """in -> hidden (features) -> classes, no bias: FLOPs are two matmuls."""
-
-    def __init__(self, d_in: int, hidden: int, classes: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_in, hidden, bias=False)
-        self.head = nn.Linear(hidden, classes, bias=False)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
-
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(z)
 
 
 def run(model: nn.Module, n: int, batch: int, previous: Representation | None = None, mu: float = 0.0) -> dict:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -18,24 +17,9 @@ from msfusion_flwr.device.losses import Representation, codistillation_loss
 from msfusion_flwr.device.training import TrainSettings, train_local
 from msfusion_flwr.engine import SplitSpec
 from msfusion_flwr.experiments.loopback import LoopbackGrid
-from msfusion_flwr.models import ImageClassifier
 from msfusion_flwr.protocol import CONFIG, METRICS, client_config
 from msfusion_flwr.server.methods import make_strategy
-
-
-class TwoLayer(ImageClassifier):
-    """in -> hidden (features) -> classes, no bias: FLOPs are two matmuls."""
-
-    def __init__(self, d_in: int, hidden: int, classes: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_in, hidden, bias=False)
-        self.head = nn.Linear(hidden, classes, bias=False)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
-
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(z)
+from two_layer import TwoLayer
 
 
 def naive_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
