@@ -94,11 +94,12 @@ def evaluate_run(run_dir: Path, distinct: bool = False) -> dict[str, dict[str, f
         for x, y in DataLoader(test_set, batch_size=getattr(full, "eval_batch_size", BATCH)):
             tokens = y.dim() > 1
             full_tally.add(F.log_softmax(full(x), -1), y)
-            log_probs = [F.log_softmax(model(x), -1) for model in members]
+            member_logits = torch.stack([model(x) for model in members])
+            log_probs = F.log_softmax(member_logits, -1)
             for tally, lp in zip(member_tallies, log_probs, strict=True):
                 tally.add(lp, y)
-            logit_tally.add(F.log_softmax(torch.stack([model(x) for model in members]).mean(0), -1), y)
-            prob_tally.add(torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(members)), y)
+            logit_tally.add(F.log_softmax(member_logits.mean(0), -1), y)
+            prob_tally.add(torch.logsumexp(log_probs, 0) - math.log(len(members)), y)
     singles = [t.figures(tokens) for t in member_tallies]
     key = "perplexity" if tokens else "accuracy"
     best = min(singles, key=lambda f: f[key]) if tokens else max(singles, key=lambda f: f[key])
