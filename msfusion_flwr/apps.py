@@ -10,6 +10,7 @@ everything below receives the typed :class:`~msfusion_flwr.config.RunConfig`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from logging import ERROR, INFO
 from pathlib import Path
@@ -22,6 +23,7 @@ from flwr.supercore import log
 
 from .config import ConfigError, RunConfig
 from .device import participant
+from .models.placement import resolve_device
 
 # The server's modules (and what they import: dp-accounting, scipy, the reporting) load inside the server
 # functions, so a device importing the ClientApp loads only what training needs (tests/test_packaging.py).
@@ -88,6 +90,23 @@ def check_node_count(run: RunConfig, num_supernodes: int) -> None:
         )
 
 
+def client_resources(run: RunConfig, num_supernodes: int, cpus_per_client: int) -> dict[str, float]:
+    """Ray's resources per simulated participant: a GPU share when ``torch-device`` resolves to CUDA here.
+
+    Ray hides GPUs from actors that ask for none, so participants that train on
+    CUDA ask for an equal share of one GPU, as many as can run at once on the
+    CPUs; a CUDA device named but absent is refused before Ray starts.
+    """
+    try:
+        device = resolve_device(run.local.device)
+    except RuntimeError as error:
+        raise ConfigError(f"config key 'torch-device': {error}") from None
+    if device.type != "cuda":
+        return {"num_cpus": cpus_per_client, "num_gpus": 0.0}
+    concurrent = max(1, min(num_supernodes, (os.cpu_count() or 1) // cpus_per_client))
+    return {"num_cpus": cpus_per_client, "num_gpus": 1.0 / concurrent}
+
+
 def run_experiment(
     config: Mapping[str, Any] | None = None,
     num_supernodes: int = 10,
@@ -110,7 +129,7 @@ def run_experiment(
         server_app=make_server_app(run.to_dict()),
         client_app=client_app or make_client_app(),
         num_supernodes=num_supernodes,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+        backend_config={"client_resources": client_resources(run, num_supernodes, cpus_per_client)},
         verbose_logging=verbose,
     )
     log(INFO, "Run finished: %s", run.outputs.output_dir)

@@ -42,6 +42,7 @@ from .engine.policies import block_count
 from .engine.robust import STATISTICS, WEIGHTINGS, AggregationRule
 from .models import MODELS, OUTPUT_SCALINGS, ModelSettings, model_class
 from .models.derived import HF_PREFIX, TORCHVISION_PREFIX, is_derived_name
+from .models.placement import is_device_name
 
 WINDOW_LAYOUTS = ("rolling", "blocks")
 METHODS = ("msfusion", "fedavg", "fedavg-small", "heterofl", "fedrolex", "fd", "fjord", "feddf")
@@ -105,6 +106,8 @@ class TrainSettings:
     codistill_temperature: float = 1.0
     optimizer: str = "sgd"
     seed: int = 0
+    device: str = "cpu"
+    """``torch-device``: where participants train and the server evaluates (:mod:`.models.placement`)."""
 
     @property
     def keeps_previous(self) -> bool:
@@ -276,6 +279,10 @@ def _overlap() -> Rule:
     return (lambda v: v == "auto" or number_ok(v)), "'auto' or a number in [0, 1)"
 
 
+def _device_name() -> Rule:
+    return (lambda v: isinstance(v, str) and is_device_name(v)), "'cpu', 'auto' or a PyTorch device such as 'cuda' or 'cuda:1'"
+
+
 def _vocab_size() -> Rule:
     return (lambda v: _is_int(v) and (v == 0 or v >= 2)), "0 (every word) or an integer >= 2"
 
@@ -340,6 +347,7 @@ KEYS: dict[str, Key] = {
     "momentum": _key("local", "momentum", _number(0.0, 1.0, False, True)),
     "weight-decay": _key("local", "weight_decay", _number(0.0, INF, False, True)),
     "optimizer": _key("local", "optimizer", _choice(OPTIMIZERS)),
+    "torch-device": _key("local", "device", _device_name()),
     "seq-len": _key("data", "seq_len", _integer(2)),
     "train-split": _key("data", "train_split", _choice(("train", "valid"))),
     "vocab-size": _key("data", "vocab_size", _vocab_size()),
@@ -488,9 +496,9 @@ def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **BEFORE_KEY, **current}
 
 
-IGNORED_ON_RESUME = ("resume", "output-dir")
+IGNORED_ON_RESUME = ("resume", "output-dir", "torch-device")
 """Config keys that may differ between a checkpointed run and the resumed one (the run to
-continue is the one in output-dir, however its path is spelled)."""
+continue is the one in output-dir, however its path is spelled; it may continue on another device)."""
 
 
 def comparable(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_ON_RESUME) -> dict[str, Any]:

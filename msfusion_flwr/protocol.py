@@ -55,6 +55,7 @@ CLIENT_KEYS = (
     "momentum",
     "weight-decay",
     "optimizer",
+    "torch-device",
     "contrastive-weight",
     "contrastive-temperature",
     "codistill-weight",

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir docs/results/fashion-mnist
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --only seed=0
     .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --report-only
+    .venv/bin/python scripts/compare.py conf/compare-fashion-mnist.toml --results-dir ... --engine in-process --torch-device cuda
 
 Runs that already finished with the same config are skipped; the report covers
 the finished runs. See msfusion_flwr/experiments/comparison.py for the matrix format.
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 
 from msfusion_flwr.config import ConfigError
-from msfusion_flwr.experiments.comparison import MatrixError, RunsFailed, expand, load_matrix, run_matrix, select, write_report
+from msfusion_flwr.models.placement import is_device_name
+from msfusion_flwr.experiments.comparison import ENGINES, MatrixError, RunsFailed, expand, load_matrix, run_matrix, select, write_report
 
 
 def main() -> None:
@@ -37,7 +39,11 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs; run nothing")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help="run only the runs with this label (repeatable); the report still covers every finished run")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's INFO log")
+    parser.add_argument("--engine", choices=ENGINES, default="simulation", help="Flower's simulation engine (Ray, default) or one process without Ray")
+    parser.add_argument("--torch-device", metavar="DEVICE", help="where every run trains and evaluates ('auto', 'cuda', ...): the same computation, rounded differently, so not bit-identical to a CPU run")
     args = parser.parse_args()
+    if args.torch_device is not None and not is_device_name(args.torch_device):
+        sys.exit(f"error: --torch-device {args.torch_device!r} is not 'auto' or a PyTorch device such as 'cuda'")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         matrix = load_matrix(args.matrix)
@@ -49,7 +55,7 @@ def main() -> None:
     failed: dict[str, str] = {}
     if not args.report_only:
         try:
-            run_matrix(chosen, args.results_dir, verbose=args.verbose)
+            run_matrix(chosen, args.results_dir, verbose=args.verbose, engine=args.engine, torch_device=args.torch_device)
         except RunsFailed as error:
             failed = error.failures
     for path in write_report(matrix, specs, args.results_dir):

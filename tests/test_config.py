@@ -46,6 +46,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "momentum": [1.0, 1, -0.1, 1.5, NAN, True, "0.9"],
     "weight-decay": [-0.0005, -1, INF, NAN, True, "0"],
     "optimizer": ["Adam", "adamw", "", 0, None],
+    "torch-device": ["gpu", "cuda:x", "", 0, None],
     "seq-len": [1, 0, -64, 64.0, "64", True, None],
     "train-split": ["test", "validation", "", 0, None],
     "vocab-size": [-1, 1, 1.5, "0", True, None],

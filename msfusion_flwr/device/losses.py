@@ -35,6 +35,10 @@ class Representation:
         z = self.model.features(x)  # type: ignore[operator]
         return embed_features(z, self.feature_index, self.width)
 
+    def to(self, device: torch.device) -> Representation:
+        """This representation with its model (moved in place) and its index on ``device``."""
+        return Representation(self.model.to(device), self.feature_index.to(device), self.width)
+
 
 def representation(model: nn.Module, plan: Mapping[str, Tensor], widths: Mapping[str, int]) -> Representation:
     """``model``'s features placed in the global feature space (the full model's representation channels)."""
@@ -54,7 +58,7 @@ def feature_claims(model: nn.Module, widths: Mapping[str, int]) -> list[tuple[Wi
 
 def embed_features(z: Tensor, feature_index: Tensor, width: int) -> Tensor:
     """Place sub-model features (B, w) at their global units of a (B, width) tensor."""
-    if z.shape[1] == width and torch.equal(feature_index, torch.arange(width)):
+    if z.shape[1] == width and torch.equal(feature_index, torch.arange(width, device=feature_index.device)):
         return z
     full = z.new_zeros(z.shape[0], width)
     return full.index_copy(1, feature_index, z)
@@ -65,7 +69,7 @@ def contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, temperature: f
     positive = F.cosine_similarity(z, z_global, dim=1) / temperature
     negative = F.cosine_similarity(z, z_prev, dim=1) / temperature
     logits = torch.stack([positive, negative], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
 
 
 def codistillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from ..data import DataSettings, load_partition, model_kwargs
 from ..engine.slicing import plan_widths
 from ..models import model_class, model_factory
+from ..models.placement import resolve_device
 from ..protocol import ARRAYS, CONFIG, METRICS, PLAN, WEIGHT_KEY, TrainInstructions, decode_plan, encode_profile
 from .faults import attack_update, is_attacker, simulate_faults
 from .losses import representation
@@ -69,6 +70,7 @@ def train(message: Message, context: Context) -> Message:
     run = TrainInstructions.from_record(content.config_records[CONFIG])
     partition_id, num_partitions = node_partition(context)
     simulate_faults(run.faults, run.round_timeout, run.data.seed, run.server_round, partition_id)
+    device = resolve_device(run.local.device)
     data = node_data(run.data, context)
     make_model = model_factory(run.model, **model_kwargs(data))
 
@@ -87,7 +89,8 @@ def train(message: Message, context: Context) -> Message:
         restore_previous(context.state, run, partition_id)
         previous = previous_representation(context.state, make_model)
 
-    metrics = train_local(model, dataset, local, current, previous)
+    metrics = train_local(model, dataset, local, current.to(device), previous and previous.to(device))
+    model.cpu()  # what is kept and sent are CPU tensors, wherever training ran
     if local.keeps_previous:
         keep_as_previous(context.state, model, plan, full_widths, run.split_rate)
         persist_previous(context.state, run, partition_id)

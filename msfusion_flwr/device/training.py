@@ -34,11 +34,11 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _batches(loader: DataLoader, epochs: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, epochs: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     for _ in range(epochs):
         for x, y in loader:
             if len(y) > 1:  # BatchNorm on batch statistics needs two examples
-                yield x, y
+                yield x.to(device), y.to(device)
 
 
 def train_local(
@@ -48,13 +48,15 @@ def train_local(
     current: Representation,
     previous: Representation | None,
 ) -> dict[str, float]:
-    """Train ``model`` in place; returns mean losses, example count, cost and time.
+    """Train ``model`` in place, on the device its parameters are on; returns mean losses, example count,
+    cost and time.
 
     ``current`` holds the feature placement of ``model``; its frozen copy is
-    ``z_g``. ``previous`` (the sub-model of this participant's last round) gives
-    ``z_p`` and, under codistillation, the teacher's logits; without it, or
-    with both weights 0, only CE is used.
+    ``z_g``. ``previous`` (the sub-model of this participant's last round, on
+    the same device) gives ``z_p`` and, under codistillation, the teacher's
+    logits; without it, or with both weights 0, only CE is used.
     """
+    device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
     loader = DataLoader(
         dataset,
@@ -101,7 +103,7 @@ def train_local(
     steps = examples = 0
     start = time.perf_counter()
     model.train()
-    for x, y in _batches(loader, settings.epochs):
+    for x, y in _batches(loader, settings.epochs, device):
         if steps == 0:
             resident = resident_tensors(models, optimizer, (x, y))
             meter.count_flops(lambda: meter.track_memory(lambda: step(x, y), resident), len(y))

@@ -266,7 +266,18 @@ class RunsFailed(RuntimeError):
         self.ran = list(ran)
 
 
-def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = False) -> list[RunSpec]:
+ENGINES = ("simulation", "in-process")
+"""How a matrix's runs execute: Flower's simulation engine (Ray), or the same ServerApp and ClientApp in one
+process (:func:`~msfusion_flwr.experiments.loopback.run_in_process`: no Ray, participants one after another)."""
+
+
+def run_matrix(
+    specs: Sequence[RunSpec],
+    results_dir: Path,
+    verbose: bool = False,
+    engine: str = "simulation",
+    torch_device: str | None = None,
+) -> list[RunSpec]:
     """Run every spec not complete yet; returns the ones that ran.
 
     A run that fails (an invalid combination, too few nodes, impossible
@@ -274,10 +285,18 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
     reason is printed in one line, and :class:`RunsFailed` is raised once
     every other run has run. Each run is bounded by its own deadlines
     (``node-wait-timeout``, ``round-timeout`` per round, ``max-failed-rounds``).
+    ``engine`` is one of :data:`ENGINES`; ``torch_device`` sets every run's
+    ``torch-device`` (a key that says where a run executes, not what it computes).
     """
     from tqdm.auto import tqdm
 
     from ..apps import run_experiment
+    from .loopback import run_in_process
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    execute = run_experiment if engine == "simulation" else run_in_process
+    device = {} if torch_device is None else {"torch-device": torch_device}
 
     pending = [s for s in specs if not is_complete(s, results_dir)]
     total_rounds = sum(s.run.federation.num_server_rounds for s in pending)
@@ -297,7 +316,8 @@ def run_matrix(specs: Sequence[RunSpec], results_dir: Path, verbose: bool = Fals
                 watcher = _RoundWatcher(out / METRICS_FILE, bar)
                 watcher.start()
                 try:
-                    run_experiment(run_config(spec, results_dir, resume).to_dict(), num_supernodes=spec.num_supernodes)
+                    config = {**run_config(spec, results_dir, resume).to_dict(), **device}
+                    execute(config, num_supernodes=spec.num_supernodes)
                 except Exception as error:  # one failed run must not cost the others
                     failures[spec.run_id] = f"{type(error).__name__}: {' '.join(str(error).split())}"
                     tqdm.write(f"run {spec.run_id} failed: {failures[spec.run_id]}")

@@ -24,18 +24,30 @@ def token_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean"
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int | None = None, device: torch.device | None = None
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``dataset``, per target.
 
     Targets are classes (one per image) or next tokens (one per sequence
     position); for token targets the result adds ``perplexity = exp(loss)``,
     the exponential of the mean token negative log-likelihood. The batch size
-    defaults to the model's ``eval_batch_size``.
+    defaults to the model's ``eval_batch_size``. With ``device``, the model is
+    evaluated there and moved back to where it was.
     """
-    model.eval()
-    size = batch_size or getattr(model, "eval_batch_size", EVAL_BATCH_SIZE)
+    home = next(model.parameters()).device
+    device = device or home
+    model.to(device).eval()
+    try:
+        return _evaluate(model, dataset, batch_size or getattr(model, "eval_batch_size", EVAL_BATCH_SIZE), device)
+    finally:
+        model.to(home)
+
+
+def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> dict[str, float]:
     loss_sum, correct, count, tokens = 0.0, 0, 0, False
-    for x, y in DataLoader(dataset, batch_size=size):
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += token_cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(-1) == y).sum())

@@ -37,6 +37,7 @@ from ..engine.coverage import Coverage, CoverageRound
 from ..engine.groups import SplitSpec
 from ..models import build_model
 from ..models.evaluation import evaluate
+from ..models.placement import resolve_device
 from ..protocol import client_config
 from .accounting import RoundTraffic, TrafficMeter
 from .checkpoint import restore_rng_states, resume_state, save_checkpoint
@@ -154,6 +155,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
     checkpoint = resume_state(run)
     random.seed(run.seed)
     torch.manual_seed(run.seed)
+    eval_device = resolve_device(run.local.device)
     test_set = load_test_set(run.data)
     global_model = build_model(run.model.name, global_widths(run), **model_kwargs(run.data))
     spec = SplitSpec.from_model(global_model)
@@ -185,7 +187,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         metrics: dict[str, float] = {}
         if server_round % federation.eval_every == 0 or server_round == federation.num_server_rounds:
             global_model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = evaluate(global_model, test_set)
+            metrics = evaluate(global_model, test_set, device=eval_device)
         traffic = meter.rounds.get(server_round)
         started = traffic.started if traffic else round_start
         covered = None
