@@ -324,3 +324,30 @@ def test_curve_styles_tell_twelve_variants_apart():
     styles = curve_styles(variants)
     assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == 12
     assert styles["v0"] == {"color": "C0", "linestyle": "-"} and styles["v10"]["linestyle"] != "-"
+
+
+def test_the_in_process_engine_runs_without_ray_and_resumes_on_another_device(tmp_path, monkeypatch):
+    """--engine in-process never calls the simulation engine; a run checkpointed under torch-device 'auto' (the
+    CPU here) continues under 'cpu' and ends as it did uninterrupted; an unknown engine is refused."""
+    from msfusion_flwr import apps
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the simulation engine was used")
+
+    monkeypatch.setattr(apps, "run_experiment", no_ray)
+    points = "[[points]]\ncheckpoint-every = 2\ncontrastive-weight = 1.0"
+    (spec,) = expand(load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points=points)))
+    results = tmp_path / "results"
+    assert run_matrix([spec], results, engine="in-process", torch_device="auto") == [spec]
+    out = spec.output_dir(results)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads((out / "config.json").read_text())["torch-device"] == "auto"
+    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")  # stopped during round 3
+    assert can_resume(spec, results)
+    assert run_matrix([spec], results, engine="in-process", torch_device="cpu") == [spec]
+    resumed = (out / "metrics.jsonl").read_text().splitlines()
+    for key in ("accuracy", "loss", "train_loss"):
+        assert json.loads(resumed[3])[key] == json.loads(rows[3])[key]
+    assert is_complete(spec, results)
+    with pytest.raises(ValueError, match="engine must be one of simulation, in-process"):
+        run_matrix([spec], results, engine="ray")
