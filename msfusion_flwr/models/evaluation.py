@@ -35,7 +35,7 @@ def evaluate(
     defaults to the model's ``eval_batch_size``. With ``device``, the model is
     evaluated there and moved back to where it was.
     """
-    home = next(model.parameters()).device
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = device or home
     model.to(device).eval()
     try:
