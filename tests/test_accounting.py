@@ -20,7 +20,7 @@ from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, PLAN, client_config, decode_plan
 from msfusion_flwr.server.methods import make_strategy
 from two_layer import TwoLayer
-from msfusion_flwr.server.reporting import CumulativeCosts, summarize_costs
+from msfusion_flwr.server.reporting import CumulativeCosts, summarize_costs, without_timing
 
 
 def run(model: nn.Module, n: int, batch: int, previous: Representation | None = None, mu: float = 0.0) -> dict:
@@ -134,3 +134,16 @@ def test_round_and_cumulative_aggregates():
     summed = ("bytes_down", "bytes_up", "flops", "train_time_s", "handler_time_s")
     assert summarize_costs([]) == {**{f"{k}_sum": 0 for k in summed},
                                    **{f"{k}_max": 0.0 for k in (*summed, "trained_params", "peak_memory_bytes")}}
+
+
+def test_rows_without_timing_keep_every_measurement_that_repeats():
+    """Timed columns go at every depth (per participant, cumulative, FedDF's server costs); the rest stays."""
+    row = {
+        "round": 3, "accuracy": 0.5, "wall_s": 1.2, "elapsed_s": 9.0, "server_s": 0.3,
+        "server_costs": {"distill_time_s": 2.0, "distill_flops": 7.0},
+        "per_participant": [{"partition_id": 0, "flops": 100.0, "train_time_s": 1.0, "handler_time_s": 1.5}],
+        "cum_train_time_s_per_participant_max": 4.0, "cum_flops": 650, "coverage": 0.4,
+    }
+    kept = {"round": 3, "accuracy": 0.5, "per_participant": [{"partition_id": 0, "flops": 100.0}], "cum_flops": 650, "coverage": 0.4}
+    assert without_timing(row) == kept
+    assert without_timing([row], left_out=("coverage",)) == [{k: v for k, v in kept.items() if k != "coverage"}]

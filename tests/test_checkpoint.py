@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_rows import strip_timing
 
 from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import ConfigError, RunConfig
 from msfusion_flwr.device import state as participant_state
 from msfusion_flwr.server import checkpoint as ckpt
-from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {
@@ -170,7 +169,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(uninterrupted,
     )
     rows, expected = read_metrics(resumed), read_metrics(uninterrupted)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert strip_timing(rows) == strip_timing(expected)
+    assert without_timing(rows) == without_timing(expected)
     assert rows[-1]["accuracy"] is not None
     a, b = torch.load(uninterrupted / MODEL_FILE), torch.load(resumed / MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

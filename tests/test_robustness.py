@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
-from run_rows import strip_timing
 
 from msfusion_flwr.apps import run_experiment
 from msfusion_flwr.config import RunConfig
@@ -16,7 +15,7 @@ from msfusion_flwr.engine.policies import PlanRequest
 from msfusion_flwr.models import build_model
 from msfusion_flwr.protocol import ARRAYS, METRICS
 from msfusion_flwr.server.methods import global_widths, make_strategy
-from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics
+from msfusion_flwr.server.reporting import MODEL_FILE, read_metrics, without_timing
 
 QUICK = {"num-server-rounds": 1, "data-fraction": 0.03, "test-examples": 1000, "partitioner": "iid", "eval-every": 100, "seed": 3}
 
@@ -95,7 +94,7 @@ def test_same_config_and_seed_give_identical_metrics_and_model(tmp_path):
                         "output-dir": str(tmp_path / name)}, num_supernodes=3)
         for name in ("a", "b")
     ]
-    first, second = (strip_timing(read_metrics(r)) for r in runs)
+    first, second = (without_timing(read_metrics(r)) for r in runs)
     assert first == second
     assert first[-1]["accuracy"] is not None
     a, b = (torch.load(r / MODEL_FILE) for r in runs)

@@ -53,6 +53,26 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+TIMED_COLUMNS = ("wall_s", "elapsed_s", "train_time_s", "time_s", "server_s", "server_costs")
+"""Metrics columns (and parts of column names) that hold wall-clock measurements, so differ between equal runs."""
+
+
+def without_timing(value: Any, left_out: tuple[str, ...] = ()) -> Any:
+    """Metrics rows (or any JSON value) without the timed columns and without columns starting with ``left_out``.
+
+    What stays is deterministic: two runs of one config on one machine give equal results.
+    """
+    if isinstance(value, dict):
+        return {
+            key: without_timing(item, left_out)
+            for key, item in value.items()
+            if not any(timed in key for timed in TIMED_COLUMNS) and not key.startswith(left_out)
+        }
+    if isinstance(value, list):
+        return [without_timing(item, left_out) for item in value]
+    return value
+
+
 SUMMED_COSTS = ("bytes_down", "bytes_up", "flops", "train_time_s", "handler_time_s")
 """Costs that add up over participants and rounds."""
 PEAK_COSTS = ("trained_params", "peak_memory_bytes")
