@@ -428,8 +428,8 @@ class RunConfig:
         return dataclasses.replace(self, outputs=dataclasses.replace(self.outputs, **changes))
 
     def fingerprint(self) -> str:
-        """A short hash of the config (``resume`` left out): tags participant state files."""
-        text = json.dumps(comparable(self.to_dict()), sort_keys=True)
+        """A short hash of what the run computes (not where, nor for how many rounds): tags participant state files."""
+        text = json.dumps(comparable(self.to_dict(), (*IGNORED_ON_RESUME, RUN_LENGTH)), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -496,9 +496,13 @@ def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **BEFORE_KEY, **current}
 
 
-IGNORED_ON_RESUME = ("resume", "output-dir", "torch-device")
-"""Config keys that may differ between a checkpointed run and the resumed one (the run to
-continue is the one in output-dir, however its path is spelled; it may continue on another device)."""
+IGNORED_ON_RESUME = ("resume", "output-dir", "torch-device", "participant-state-dir")
+"""Config keys that may differ between a checkpointed run and the resumed one: where it runs, not what it
+computes (the run to continue is the one in output-dir, however its path is spelled, and its folder may have
+moved with its participants' state; it may continue on another device)."""
+
+RUN_LENGTH = "num-server-rounds"
+"""The key a resume may raise: a run continues past its checkpoint to the new length (never below it)."""
 
 
 def comparable(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_ON_RESUME) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -224,3 +225,38 @@ def test_a_checkpoint_from_before_output_scaling_resumes_as_what_it_ran(tmp_path
     other = next(s for s in ("calibrated", "scaler", "none") if s != resumes_as)
     with pytest.raises(ConfigError, match="output-scaling"):
         ckpt.resume_state(RunConfig.from_mapping({**overrides, "output-scaling": other}))
+
+
+# --- extending a finished run ----------------------------------------------
+
+
+def test_a_finished_run_moved_and_extended_equals_the_longer_run(tmp_path):
+    """2 rounds, the folder moved (participants' state inside it), then resumed to 3 rounds: the 3-round run's
+    rows and model bits. checkpoint-every = 5 never divides a round here: the last round is checkpointed anyway."""
+    from msfusion_flwr.experiments.loopback import run_in_process
+
+    def config(out: Path, rounds: int, **more) -> dict:
+        return {**RUN, "num-server-rounds": rounds, "checkpoint-every": 5, "output-dir": str(out),
+                "participant-state-dir": str(out / "participants"), **more}  # fmt: skip
+
+    longer = run_in_process(config(tmp_path / "longer", 3), num_supernodes=3)
+    short = run_in_process(config(tmp_path / "a" / "run", 2), num_supernodes=3)
+    assert _checkpoint_round(short) == 2 and any((short / "participants").iterdir())
+    moved = tmp_path / "b" / "run"
+    moved.parent.mkdir()
+    short.rename(moved)
+    extended = run_in_process(config(moved, 3, resume=True), num_supernodes=3)
+    rows, expected = read_metrics(extended), read_metrics(longer)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert without_timing(rows) == without_timing(expected)  # contrastive: round 3 used the moved state files
+    a, b = torch.load(longer / MODEL_FILE), torch.load(extended / MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((extended / "config.json").read_text())["num-server-rounds"] == 3
+    assert _checkpoint_round(extended) == 3
+
+    before = (extended / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError) as info:
+        run_in_process(config(moved, 2, resume=True), num_supernodes=3)
+    message = str(info.value)
+    assert "'num-server-rounds'" in message and "below round 3" in message and "\n" not in message
+    assert (extended / "metrics.jsonl").read_text() == before  # refused before anything was written

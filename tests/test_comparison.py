@@ -270,36 +270,41 @@ def test_short_harness_run_end_to_end_and_resumes(tmp_path):
     assert "2 of 2 runs finished" in (results / "results.md").read_text()
 
 
-def test_an_interrupted_checkpointing_run_continues_from_its_checkpoint(tmp_path):
-    """With checkpoint-every, an unfinished run resumes after its checkpoint in its own folder and
-    ends as it did uninterrupted, participants' state included (the contrastive term keeps each one's previous
-    sub-model); a checkpoint of another config is not resumed."""
+def test_a_checkpointed_run_continues_from_its_checkpoint_also_copied_and_longer(tmp_path):
+    """With checkpoint-every, a run whose rows stop at its checkpoint (killed in the next round, or run with
+    fewer rounds) continues from it in its folder, also a folder copied in from another results folder and with
+    num-server-rounds raised, and ends as the uninterrupted run did, participants' state included (the contrastive
+    term keeps each one's previous sub-model); a checkpoint of another config is not resumed."""
+    import shutil
+
     import torch
 
     points = "[[points]]\ncheckpoint-every = 2\ncontrastive-weight = 1.0"
-    matrix = load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points=points))
-    (spec,) = expand(matrix)
+    (tmp_path / "m3").mkdir(), (tmp_path / "m2").mkdir()
+    (longer,) = expand(load_matrix(write_matrix(tmp_path / "m3", rounds=3, variants='["msfusion"]', points=points)))
+    (shorter,) = expand(load_matrix(write_matrix(tmp_path / "m2", rounds=2, variants='["msfusion"]', points=points)))
+    assert longer.run_id == shorter.run_id
+    run_matrix([longer], tmp_path / "reference", engine="in-process")  # no Ray: the harness is under test
+    expected = (longer.output_dir(tmp_path / "reference") / "metrics.jsonl").read_text().splitlines()
+    run_matrix([shorter], tmp_path / "short", engine="in-process")
+    short = shorter.output_dir(tmp_path / "short")
+    assert (short / "checkpoint.pt").is_file() and any((short / "participant-state").iterdir())
     results = tmp_path / "results"
-    run_matrix([spec], results)
-    out = spec.output_dir(results)
-    assert (out / "checkpoint.pt").is_file() and any((out / "participant-state").iterdir())
-    rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["round"] for r in rows] == [0, 1, 2, 3]
-    # killed during round 3: the checkpoint is of round 2, the metrics stop there
-    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    out = longer.output_dir(results)
+    shutil.copytree(short, out)
     (out / "marker").write_text("kept")
-    assert not is_complete(spec, results) and can_resume(spec, results)
-    assert run_matrix([spec], results) == [spec]
+    assert not is_complete(longer, results) and can_resume(longer, results)
+    assert run_matrix([longer], results, engine="in-process") == [longer]
     assert (out / "marker").is_file()  # continued in place, not started again
     resumed = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["round"] for r in resumed] == [0, 1, 2, 3]
     for key in ("accuracy", "loss", "train_loss"):
-        assert json.loads(resumed[3])[key] == json.loads(rows[3])[key]
-    assert is_complete(spec, results)
+        assert json.loads(resumed[3])[key] == json.loads(expected[3])[key]
+    assert is_complete(longer, results)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     checkpoint["config"]["learning-rate"] = 0.5
     torch.save(checkpoint, out / "checkpoint.pt")
-    assert not can_resume(spec, results)
+    assert not can_resume(longer, results)
 
 
 def test_every_preset_in_conf_is_valid():

@@ -29,7 +29,9 @@ comparison resumes where it stopped. A run left unfinished starts again from
 scratch, unless the matrix sets ``checkpoint-every``: then it continues from
 its last checkpoint, with its participants' state kept in its own folder
 (``participant-state-dir``, unless the matrix sets one), so the resumed run
-ends as an uninterrupted one would.
+ends as an uninterrupted one would. A checkpointed run also continues when the
+matrix raises ``num-server-rounds``, and from a run folder copied in from
+another results folder: a longer comparison reuses the shorter one's rounds.
 """
 
 from __future__ import annotations
@@ -56,10 +58,9 @@ from ..server.reporting import CONFIG_FILE, METRICS_FILE, read_metrics
 
 RUNS_DIR = "runs"
 PARTICIPANT_STATE_DIR = "participant-state"
-EXECUTION_KEYS = (*IGNORED_ON_RESUME, "participant-state-dir")
+EXECUTION_KEYS = IGNORED_ON_RESUME
 """Config keys that say where and how a run executes, not what it computes: a
-finished run counts as complete whatever they hold (its folder may have moved).
-A resume keeps ``participant-state-dir`` (the state must be where it was left)."""
+finished run counts as complete whatever they hold (its folder may have moved)."""
 NON_CONFIG_AXES = ("variant", "num-supernodes")
 PER_ROUND_COSTS = ("flops_max", "bytes_down_max", "bytes_up_max", "peak_memory_bytes_max", "trained_params_max", "train_time_s_max")
 CUMULATIVE_COSTS = ("cum_flops_per_participant_max", "cum_bytes_down_per_participant_max", "cum_bytes_up_per_participant_max")

@@ -9,7 +9,9 @@ is atomic: a temporary file in the same folder, flushed and fsynced, then
 ``os.replace``'d over the final name, so a crash leaves either the previous
 checkpoint or the new one, never a partial file.
 
-``resume = true`` continues from that checkpoint (see :func:`resume_state`).
+``resume = true`` continues from that checkpoint (see :func:`resume_state`), also
+to a larger ``num-server-rounds``: the final round is always checkpointed, so a
+finished run can be extended.
 
 Participants keep their own state (the contrastive loss's previous
 sub-model) in :mod:`msfusion_flwr.device.state`.
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.supercore import log
 
-from ..config import ConfigError, RunConfig, comparable, with_defaults
+from ..config import IGNORED_ON_RESUME, RUN_LENGTH, ConfigError, RunConfig, comparable, with_defaults
 from ..storage import atomic_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -103,16 +107,19 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
 
     None when ``resume`` is false or ``output-dir`` holds no checkpoint (the run
     then starts from scratch). Raises :class:`ConfigError` (one line naming
-    'resume') when the config differs from the checkpointed run's in any key
-    but ``resume`` and ``output-dir``.
+    'resume') when the config differs from the checkpointed run's in a key that
+    says what the run computes (any but :data:`IGNORED_ON_RESUME` and
+    ``num-server-rounds``), and one naming 'num-server-rounds' when that is below
+    the checkpoint's round.
     """
     if not run.outputs.resume:
         return None
     checkpoint = load_checkpoint(run.outputs.output_dir)
     if checkpoint is None:
         return None
-    stored = comparable(with_defaults(checkpoint["config"]))
-    current = comparable(run.to_dict())
+    ignored = (*IGNORED_ON_RESUME, RUN_LENGTH)
+    stored = comparable(with_defaults(checkpoint["config"]), ignored)
+    current = comparable(run.to_dict(), ignored)
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -120,4 +127,17 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
             f"config key 'resume': the run config differs from the checkpointed run in "
             f"{run.outputs.output_dir} ({details})"
         )
+    if run.federation.num_server_rounds < int(checkpoint["round"]):
+        raise ConfigError(
+            f"config key '{RUN_LENGTH}': {run.federation.num_server_rounds} is below round {checkpoint['round']} of "
+            f"the checkpoint in {run.outputs.output_dir}; a resume continues a run, it cannot shorten it"
+        )
     return checkpoint
+
+
+def warn_if_state_moved(checkpoint: Mapping[str, Any], run: RunConfig) -> None:
+    """Log a warning when the resumed run's participants keep their state elsewhere than the checkpointed run's."""
+    before = with_defaults(checkpoint["config"]).get("participant-state-dir")
+    if before != run.outputs.participant_state_dir:
+        log(WARNING, "resume: participant-state-dir is now %r (was %r); participants continue from the state "
+            "files found there", run.outputs.participant_state_dir, before)

@@ -136,9 +136,10 @@ class RunReporter:
     ) -> None:
         """Start a run's outputs; or, with ``resume_round``, continue them after that round.
 
-        Resuming keeps config.json, keeps the metrics.jsonl rows of rounds up to
-        ``resume_round`` (later ones came from the interrupted run) and restarts
-        the cumulative costs from ``cumulative_totals``.
+        config.json gets ``run`` either way (a resume may have raised
+        ``num-server-rounds`` or moved the run). Resuming keeps the metrics.jsonl
+        rows of rounds up to ``resume_round`` (later ones came from the
+        interrupted run) and restarts the cumulative costs from ``cumulative_totals``.
         """
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +147,8 @@ class RunReporter:
         self.cumulative = CumulativeCosts()
         self._start = time.perf_counter()
         metrics = self.output_dir / METRICS_FILE
+        (self.output_dir / CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
         if resume_round is None:
-            (self.output_dir / CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
             metrics.write_text("")
         else:
             lines = metrics.read_text().splitlines() if metrics.exists() else []

@@ -40,7 +40,7 @@ from ..models.evaluation import evaluate
 from ..models.placement import resolve_device
 from ..protocol import client_config
 from .accounting import RoundTraffic, TrafficMeter
-from .checkpoint import restore_rng_states, resume_state, save_checkpoint
+from .checkpoint import restore_rng_states, resume_state, save_checkpoint, warn_if_state_moved
 from .methods import global_widths, make_strategy
 from .nodes import wait_for_nodes
 from .privacy import epsilon
@@ -149,8 +149,9 @@ def privacy_spent(run: RunConfig, population: int, rounds: int) -> float | None:
 def run_server(grid: Grid, run: RunConfig) -> Path:
     """Train for ``num-server-rounds`` rounds and write the run's outputs.
 
-    With ``checkpoint-every`` > 0, writes a checkpoint every that many rounds;
-    with ``resume`` and a checkpoint in ``output-dir``, continues after its round.
+    With ``checkpoint-every`` > 0, writes a checkpoint every that many rounds and
+    after the last; with ``resume`` and a checkpoint in ``output-dir``, continues
+    after its round (to this config's ``num-server-rounds``, which may be larger).
     """
     checkpoint = resume_state(run)
     random.seed(run.seed)
@@ -177,6 +178,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
             outputs.output_dir, run, resume_round=first_round - 1, cumulative_totals=checkpoint["cumulative_totals"]
         )
         restore_rng_states(checkpoint["rng"])
+        warn_if_state_moved(checkpoint, run)
         coverage.load(checkpoint.get("coverage", {}))
         log(INFO, "resume: continuing %s after round %d", reporter.output_dir, first_round - 1)
     failures = FailureWatch(federation.max_failed_rounds)
@@ -202,7 +204,8 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         return MetricRecord(metrics) if metrics else None
 
     def checkpoint_round(server_round: int, arrays: ArrayRecord) -> None:
-        if outputs.checkpoint_every > 0 and server_round % outputs.checkpoint_every == 0:
+        last = server_round == federation.num_server_rounds  # so that a finished run can be extended
+        if outputs.checkpoint_every > 0 and (server_round % outputs.checkpoint_every == 0 or last):
             path = save_checkpoint(
                 reporter.output_dir,
                 server_round,
