@@ -341,13 +341,15 @@ def test_the_in_process_engine_runs_without_ray_and_resumes_on_another_device(tm
 
     monkeypatch.setattr(apps, "run_experiment", no_ray)
     points = "[[points]]\ncheckpoint-every = 2\ncontrastive-weight = 1.0"
+    (tmp_path / "m2").mkdir()
     (spec,) = expand(load_matrix(write_matrix(tmp_path, rounds=3, variants='["msfusion"]', points=points)))
+    (stopped,) = expand(load_matrix(write_matrix(tmp_path / "m2", rounds=2, variants='["msfusion"]', points=points)))
+    assert run_matrix([spec], tmp_path / "reference", engine="in-process", torch_device="auto") == [spec]
+    rows = (spec.output_dir(tmp_path / "reference") / "metrics.jsonl").read_text().splitlines()
     results = tmp_path / "results"
-    assert run_matrix([spec], results, engine="in-process", torch_device="auto") == [spec]
+    run_matrix([stopped], results, engine="in-process", torch_device="auto")  # as a run stopped after round 2
     out = spec.output_dir(results)
-    rows = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads((out / "config.json").read_text())["torch-device"] == "auto"
-    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")  # stopped during round 3
     assert can_resume(spec, results)
     assert run_matrix([spec], results, engine="in-process", torch_device="cpu") == [spec]
     resumed = (out / "metrics.jsonl").read_text().splitlines()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.supercore import log
 
-from ..config import IGNORED_ON_RESUME, RUN_LENGTH, ConfigError, RunConfig, comparable, with_defaults
+from ..config import IGNORED_ON_RESUME, RUN_LENGTH, ConfigError, RunConfig, comparable, section, with_defaults
 from ..storage import atomic_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,7 +137,7 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
 
 def warn_if_state_moved(checkpoint: Mapping[str, Any], run: RunConfig) -> None:
     """Log a warning when the resumed run's participants keep their state elsewhere than the checkpointed run's."""
-    before = with_defaults(checkpoint["config"]).get("participant-state-dir")
+    before = section(with_defaults(checkpoint["config"]), "outputs").participant_state_dir
     if before != run.outputs.participant_state_dir:
         log(WARNING, "resume: participant-state-dir is now %r (was %r); participants continue from the state "
             "files found there", run.outputs.participant_state_dir, before)
