@@ -429,7 +429,7 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """A short hash of what the run computes (not where, nor for how many rounds): tags participant state files."""
-        text = json.dumps(comparable(self.to_dict(), (*IGNORED_ON_RESUME, RUN_LENGTH)), sort_keys=True)
+        text = json.dumps(run_identity(self.to_dict()), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -503,6 +503,12 @@ moved with its participants' state; it may continue on another device)."""
 
 RUN_LENGTH = "num-server-rounds"
 """The key a resume may raise: a run continues past its checkpoint to the new length (never below it)."""
+
+
+def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run computes: its flat config without where it runs (:data:`IGNORED_ON_RESUME`) and for how many
+    rounds (:data:`RUN_LENGTH`). A resume must match it; it tags participant state files."""
+    return comparable(config, (*IGNORED_ON_RESUME, RUN_LENGTH))
 
 
 def comparable(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_ON_RESUME) -> dict[str, Any]:

@@ -260,3 +260,15 @@ def test_a_finished_run_moved_and_extended_equals_the_longer_run(tmp_path):
     message = str(info.value)
     assert "'num-server-rounds'" in message and "below round 3" in message and "\n" not in message
     assert (extended / "metrics.jsonl").read_text() == before  # refused before anything was written
+
+
+def test_a_resume_warns_only_when_the_participants_state_moved(tmp_path, monkeypatch):
+    """The checkpoint keeps participant-state-dir, so an unmoved resume is silent and a moved one names both places."""
+    warnings = []
+    monkeypatch.setattr(ckpt, "log", lambda level, message, *args: warnings.append(message % args))
+    config = RunConfig.from_mapping({"output-dir": str(tmp_path), "participant-state-dir": "/state/a", "resume": True})
+    checkpoint = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, config).parent)
+    ckpt.warn_if_state_moved(checkpoint, config)
+    assert warnings == []
+    ckpt.warn_if_state_moved(checkpoint, config.with_outputs(participant_state_dir="/state/b"))
+    assert len(warnings) == 1 and "'/state/b'" in warnings[0] and "'/state/a'" in warnings[0]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.supercore import log
 
-from ..config import IGNORED_ON_RESUME, RUN_LENGTH, ConfigError, RunConfig, comparable, section, with_defaults
+from ..config import RUN_LENGTH, ConfigError, RunConfig, run_identity, section, with_defaults
 from ..storage import atomic_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -89,7 +89,7 @@ def save_checkpoint(
         },
         "cumulative_totals": {int(p): dict(t) for p, t in (cumulative_totals or {}).items()},
         "coverage": {k: v.clone() for k, v in (coverage or {}).items()},
-        "config": comparable(run.to_dict()),
+        "config": run.to_dict(),
     }
     return atomic_save(payload, Path(output_dir) / CHECKPOINT_FILE)
 
@@ -108,18 +108,16 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
     None when ``resume`` is false or ``output-dir`` holds no checkpoint (the run
     then starts from scratch). Raises :class:`ConfigError` (one line naming
     'resume') when the config differs from the checkpointed run's in a key that
-    says what the run computes (any but :data:`IGNORED_ON_RESUME` and
-    ``num-server-rounds``), and one naming 'num-server-rounds' when that is below
-    the checkpoint's round.
+    says what the run computes (:func:`~msfusion_flwr.config.run_identity`), and
+    one naming 'num-server-rounds' when that is below the checkpoint's round.
     """
     if not run.outputs.resume:
         return None
     checkpoint = load_checkpoint(run.outputs.output_dir)
     if checkpoint is None:
         return None
-    ignored = (*IGNORED_ON_RESUME, RUN_LENGTH)
-    stored = comparable(with_defaults(checkpoint["config"]), ignored)
-    current = comparable(run.to_dict(), ignored)
+    stored = run_identity(with_defaults(checkpoint["config"]))
+    current = run_identity(run.to_dict())
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
