@@ -53,6 +53,8 @@ the server slice (``server-data-fraction``, which it requires to be > 0)."""
 
 
 OPTIMIZERS = ("sgd", "adam")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+"""``learning-rate-schedule``: how the server sets each round's local learning rate (:meth:`TrainSettings.at_round`)."""
 """Local optimizers (``optimizer``), fresh every round."""
 
 
@@ -98,6 +100,7 @@ class TrainSettings:
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.05
+    learning_rate_schedule: str = "constant"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     contrastive_weight: float = 0.0
@@ -108,6 +111,19 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     """``torch-device``: where participants train and the server evaluates (:mod:`.models.placement`)."""
+
+    def at_round(self, server_round: int, num_rounds: int) -> TrainSettings:
+        """These settings with round ``server_round``'s learning rate, of a run of ``num_rounds`` rounds.
+
+        ``constant``: ``learning-rate`` every round. ``cosine``: ``learning-rate`` times
+        ``(1 + cos(pi (t - 1) / T)) / 2`` in round ``t`` of ``T``, from the full rate in round 1 down to
+        ``(1 + cos(pi (T - 1) / T)) / 2`` of it in the last, never 0 (cosine annealing without restarts,
+        stepped once a round: every participant of a round trains at the same rate).
+        """
+        if self.learning_rate_schedule == "constant":
+            return self
+        factor = 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+        return dataclasses.replace(self, learning_rate=self.learning_rate * factor, learning_rate_schedule="constant")
 
     @property
     def keeps_previous(self) -> bool:
@@ -344,6 +360,7 @@ KEYS: dict[str, Key] = {
     "local-epochs": _key("local", "epochs", _integer(1)),
     "batch-size": _key("local", "batch_size", _integer(1)),
     "learning-rate": _key("local", "learning_rate", _number(0.0, INF, True, True)),
+    "learning-rate-schedule": _key("local", "learning_rate_schedule", _choice(LEARNING_RATE_SCHEDULES)),
     "momentum": _key("local", "momentum", _number(0.0, 1.0, False, True)),
     "weight-decay": _key("local", "weight_decay", _number(0.0, INF, False, True)),
     "optimizer": _key("local", "optimizer", _choice(OPTIMIZERS)),

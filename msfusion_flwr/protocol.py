@@ -74,16 +74,18 @@ CLIENT_KEYS = (
 """Run-config keys a ClientApp needs; the ServerApp sends them every round."""
 
 
-def client_config(run: RunConfig) -> ConfigRecord:
-    """The part of a run config that participants need, as a config record.
+def client_config(run: RunConfig, server_round: int = 1) -> ConfigRecord:
+    """The part of a run config that participants need in round ``server_round``, as a config record.
 
-    Only MSfusion trains with the contrastive term and codistillation; every
-    other method sends ``contrastive-weight = codistill-weight = 0`` (plain
-    cross-entropy). The state tag is the run's fingerprint.
+    ``learning-rate`` is the round's (``learning-rate-schedule``, applied here so
+    that a participant trains at what it is sent). Only MSfusion trains with the
+    contrastive term and codistillation; every other method sends
+    ``contrastive-weight = codistill-weight = 0`` (plain cross-entropy). The
+    state tag is the run's fingerprint.
     """
-    local = run.local if run.method.name == "msfusion" else dataclasses.replace(
-        run.local, contrastive_weight=0.0, codistill_weight=0.0
-    )
+    local = run.local.at_round(server_round, run.federation.num_server_rounds)
+    if run.method.name != "msfusion":
+        local = dataclasses.replace(local, contrastive_weight=0.0, codistill_weight=0.0)
     flat = dataclasses.replace(run, local=local).to_dict()
     record = ConfigRecord({key: flat[key] for key in CLIENT_KEYS})
     record[STATE_TAG] = run.fingerprint()

@@ -272,3 +272,21 @@ def test_a_resume_warns_only_when_the_participants_state_moved(tmp_path, monkeyp
     assert warnings == []
     ckpt.warn_if_state_moved(checkpoint, config.with_outputs(participant_state_dir="/state/b"))
     assert len(warnings) == 1 and "'/state/b'" in warnings[0] and "'/state/a'" in warnings[0]
+
+
+def test_under_a_schedule_a_resume_cannot_change_the_run_length(tmp_path):
+    """A cosine run's past rates came from its length: resuming it longer is a one-line error; a constant one extends."""
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        out.mkdir()
+        overrides = {"output-dir": str(out), "resume": True, "learning-rate-schedule": schedule, "num-server-rounds": 4}
+        ckpt.save_checkpoint(out, 4, {"w": torch.zeros(2)}, RunConfig.from_mapping(overrides))
+        assert ckpt.resume_state(RunConfig.from_mapping(overrides))["round"] == 4
+        longer = RunConfig.from_mapping({**overrides, "num-server-rounds": 6})
+        if schedule == "constant":
+            assert ckpt.resume_state(longer)["round"] == 4
+            continue
+        with pytest.raises(ConfigError) as info:
+            ckpt.resume_state(longer)
+        message = str(info.value)
+        assert "'num-server-rounds'" in message and "'cosine'" in message and "\n" not in message

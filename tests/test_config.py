@@ -45,6 +45,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "learning-rate": [0, 0.0, -0.05, INF, NAN, True, "0.05"],
     "momentum": [1.0, 1, -0.1, 1.5, NAN, True, "0.9"],
     "weight-decay": [-0.0005, -1, INF, NAN, True, "0"],
+    "learning-rate-schedule": ["Cosine", "linear", "", 0, None],
     "optimizer": ["Adam", "adamw", "", 0, None],
     "torch-device": ["gpu", "cuda:x", "", 0, None],
     "seq-len": [1, 0, -64, 64.0, "64", True, None],

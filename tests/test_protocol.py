@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, RecordDict
 from hypothesis import given, settings
@@ -137,3 +139,16 @@ def test_a_participant_reads_the_server_config_back_typed():
     assert got.local.learning_rate == 1.0 and isinstance(got.local.learning_rate, float)
     assert (got.round_timeout, got.participant_state_dir, got.server_round, got.split_rate) == (9.0, "/tmp/s", 3, 0.5)
     assert got.state_tag == run.fingerprint()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds=st.integers(1, 500), rate=st.floats(1e-4, 1.0))
+def test_a_cosine_schedule_sends_each_round_its_annealed_rate(rounds, rate):
+    """Round t of T is sent rate (1 + cos(pi (t - 1) / T)) / 2: the full rate first, falling every round, never 0;
+    the constant schedule sends the rate unchanged."""
+    run = RunConfig.from_mapping({"learning-rate": rate, "learning-rate-schedule": "cosine", "num-server-rounds": rounds})
+    sent = [client_config(run, t)["learning-rate"] for t in range(1, rounds + 1)]
+    assert sent == [rate * (1 + math.cos(math.pi * (t - 1) / rounds)) / 2 for t in range(1, rounds + 1)]
+    assert sent[0] == rate and all(0 < b < a for a, b in zip(sent, sent[1:]))
+    constant = RunConfig.from_mapping({"learning-rate": rate, "num-server-rounds": rounds})
+    assert {client_config(constant, t)["learning-rate"] for t in (1, rounds)} == {rate}

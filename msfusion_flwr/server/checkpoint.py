@@ -109,7 +109,9 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
     then starts from scratch). Raises :class:`ConfigError` (one line naming
     'resume') when the config differs from the checkpointed run's in a key that
     says what the run computes (:func:`~msfusion_flwr.config.run_identity`), and
-    one naming 'num-server-rounds' when that is below the checkpoint's round.
+    one naming 'num-server-rounds' when that is below the checkpoint's round, or
+    differs from the checkpointed run's under a learning-rate schedule (the rates
+    of the rounds already run would have been others).
     """
     if not run.outputs.resume:
         return None
@@ -129,6 +131,13 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
         raise ConfigError(
             f"config key '{RUN_LENGTH}': {run.federation.num_server_rounds} is below round {checkpoint['round']} of "
             f"the checkpoint in {run.outputs.output_dir}; a resume continues a run, it cannot shorten it"
+        )
+    stored_rounds = int(with_defaults(checkpoint["config"])[RUN_LENGTH])
+    if run.local.learning_rate_schedule != "constant" and run.federation.num_server_rounds != stored_rounds:
+        raise ConfigError(
+            f"config key '{RUN_LENGTH}': {run.federation.num_server_rounds} differs from the checkpointed run's "
+            f"{stored_rounds} in {run.outputs.output_dir}, and learning-rate-schedule "
+            f"{run.local.learning_rate_schedule!r} sets every round's rate from the run's length"
         )
     return checkpoint
 

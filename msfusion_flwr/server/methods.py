@@ -117,6 +117,7 @@ def make_strategy(run: RunConfig, spec: SplitSpec, server_set: Dataset | None = 
             make_model=model_factory(run.model, **model_kwargs(run.data)),
             server_set=load_server_set(run.data) if server_set is None else server_set,
             local=run.local,
+            num_rounds=run.federation.num_server_rounds,
             **options,
         )
     if method.name in DISTILLATION_METHODS:

@@ -40,7 +40,7 @@ def run_rounds(
     arrays: ArrayRecord,
     num_rounds: int,
     timeout: float,
-    train_config: ConfigRecord | None = None,
+    train_config: ConfigRecord | Callable[[int], ConfigRecord] | None = None,
     evaluate_config: ConfigRecord | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     first_round: int = 1,
@@ -55,13 +55,14 @@ def run_rounds(
     pushes a round's messages all at once, as Flower does. ``on_server_work``
     gets, after each round's ``aggregate_train``, the seconds spent in the
     strategy's train methods (planning, slicing each message, checking and
-    fusing replies; not the waiting).
+    fusing replies; not the waiting). ``train_config`` may be a function of the
+    round (a learning-rate schedule).
     """
     log(INFO, "Starting %s strategy:", strategy.__class__.__name__)
-    log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
+    config_of = train_config if callable(train_config) else lambda _round: train_config or ConfigRecord()
+    log_strategy_start_info(num_rounds, arrays, config_of(first_round), evaluate_config)
     strategy.summary()
     log(INFO, "")
-    train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
     t_start = time.time()
 
@@ -77,6 +78,7 @@ def run_rounds(
 
         work = Stopwatch()
         receive = getattr(strategy, "receive_train", None)
+        train_config = config_of(current_round)
         if receive is None:
             train_messages = work.call(strategy.configure_train, current_round, arrays, train_config, grid)
             train_replies = grid.send_and_receive(messages=train_messages, timeout=timeout)

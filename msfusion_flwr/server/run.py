@@ -16,6 +16,7 @@ accepted for ``max-failed-rounds`` rounds in a row stops with the reasons.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -223,7 +224,7 @@ def run_server(grid: Grid, run: RunConfig) -> Path:
         ArrayRecord(global_model.state_dict()),
         num_rounds=federation.num_server_rounds,
         timeout=federation.round_timeout,
-        train_config=client_config(run),
+        train_config=functools.partial(client_config, run),
         evaluate_fn=on_round_end,
         first_round=first_round,
         after_round=checkpoint_round,

@@ -110,6 +110,7 @@ class ReferenceTrust(SubmodelStrategy):
         make_model: Callable[[Mapping[str, int], float], nn.Module],
         server_set: Dataset,
         local: TrainSettings,
+        num_rounds: int = 1,
         **kwargs: float,
     ) -> None:
         super().__init__(spec, policy, budgets, **kwargs)  # type: ignore[arg-type]
@@ -118,6 +119,8 @@ class ReferenceTrust(SubmodelStrategy):
         self.make_model = make_model
         self.server_set = server_set
         self.local = local
+        self.num_rounds = num_rounds
+        """The run's length, for the round's learning rate under a schedule (:meth:`TrainSettings.at_round`)."""
         self.last_trust: dict[int, float] = {}
         """Node -> trust of its update in the last round fused (for logs and tests)."""
 
@@ -129,12 +132,12 @@ class ReferenceTrust(SubmodelStrategy):
         self, server_round: int, node: int, plan: IndexPlan, sent: Mapping[str, Tensor], steps: int
     ) -> dict[str, Tensor]:
         """What an honest participant holding the server's data sends back for the slice ``sent`` (plan ``plan``)
-        after ``steps`` optimizer steps with the run's local settings, cross-entropy only (the server's examples
+        after ``steps`` optimizer steps with the run's local settings in that round, cross-entropy only (the server's examples
         cycled in a seeded order as often as needed)."""
         seed = reference_seed(self.seed, server_round, node)
         model = self.make_model(plan_widths(plan), self._rates[node])
         model.load_state_dict(sent)
-        local = self.local
+        local = self.local.at_round(server_round, self.num_rounds)
         optimizer = make_optimizer(model, local.optimizer, local.learning_rate, local.momentum, local.weight_decay)
         torch.manual_seed(seed)
         batches = DataLoader(cycled(self.server_set, steps * local.batch_size, seed), batch_size=local.batch_size)
