@@ -140,3 +140,24 @@ def test_without_any_trusted_update_the_model_keeps_its_values():
 def test_reference_weights_need_server_data_and_no_other_reweighting(overrides, named):
     with pytest.raises(ConfigError, match=f"aggregation-weights.*got {named}|server-data-fraction"):
         RunConfig.from_mapping({**REFERENCE, **overrides})
+
+
+def test_references_train_at_the_rate_of_their_round(monkeypatch):
+    """Under a cosine schedule the server's references take the round's learning rate, as its participants do."""
+    from msfusion_flwr.server import trust
+
+    built = []
+    make_optimizer = trust.make_optimizer
+    monkeypatch.setattr(trust, "make_optimizer", lambda model, name, rate, *rest: built.append(rate) or make_optimizer(model, name, rate, *rest))
+    config = RunConfig.from_mapping({**REFERENCE, "learning-rate-schedule": "cosine", "num-server-rounds": 4})
+    torch.manual_seed(0)
+    model = build_model("cnn", WIDTHS)
+    server_set = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    strategy = make_strategy(config, SplitSpec.from_model(model), server_set=server_set)
+    grid = LoopbackGrid(NODES)
+    strategy.nodes.learn(grid, grid.get_node_ids())
+    message = next(iter(strategy.configure_train(3, ArrayRecord(model.state_dict()), client_config(config, 3), grid)))
+    node = message.metadata.dst_node_id
+    sent = message.content.array_records[ARRAYS].to_torch_state_dict()
+    strategy.reference(3, node, strategy._plans[node], sent, 1)
+    assert built == [pytest.approx(client_config(config, 3)["learning-rate"])] and built[0] == pytest.approx(0.05 * 0.5)
