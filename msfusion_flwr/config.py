@@ -53,9 +53,9 @@ the server slice (``server-data-fraction``, which it requires to be > 0)."""
 
 
 OPTIMIZERS = ("sgd", "adam")
+"""Local optimizers (``optimizer``), fresh every round."""
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 """``learning-rate-schedule``: how the server sets each round's local learning rate (:meth:`TrainSettings.at_round`)."""
-"""Local optimizers (``optimizer``), fresh every round."""
 
 
 class ConfigError(ValueError):

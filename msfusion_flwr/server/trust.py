@@ -110,7 +110,7 @@ class ReferenceTrust(SubmodelStrategy):
         make_model: Callable[[Mapping[str, int], float], nn.Module],
         server_set: Dataset,
         local: TrainSettings,
-        num_rounds: int = 1,
+        num_rounds: int,
         **kwargs: float,
     ) -> None:
         super().__init__(spec, policy, budgets, **kwargs)  # type: ignore[arg-type]
