@@ -118,7 +118,8 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
     checkpoint = load_checkpoint(run.outputs.output_dir)
     if checkpoint is None:
         return None
-    stored = run_identity(with_defaults(checkpoint["config"]))
+    stored_config = with_defaults(checkpoint["config"])
+    stored = run_identity(stored_config)
     current = run_identity(run.to_dict())
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if changed:
@@ -132,7 +133,7 @@ def resume_state(run: RunConfig) -> dict[str, Any] | None:
             f"config key '{RUN_LENGTH}': {run.federation.num_server_rounds} is below round {checkpoint['round']} of "
             f"the checkpoint in {run.outputs.output_dir}; a resume continues a run, it cannot shorten it"
         )
-    stored_rounds = int(with_defaults(checkpoint["config"])[RUN_LENGTH])
+    stored_rounds = int(stored_config[RUN_LENGTH])
     if run.local.learning_rate_schedule != "constant" and run.federation.num_server_rounds != stored_rounds:
         raise ConfigError(
             f"config key '{RUN_LENGTH}': {run.federation.num_server_rounds} differs from the checkpointed run's "
