@@ -65,7 +65,7 @@ def test_one_attacker_wrecks_plain_aggregation_and_robust_aggregation_learns(tmp
     (aggregation-weights = "reference"), the run learns as the clean runs of this size do.
 
     Near chance is under 0.3: a blown-up model's accuracy depends on float rounding (0.228 with one torch thread,
-    under 0.2 with two), its loss does not leave the hundreds."""
+    under 0.2 with two); its loss above 100 (or not finite) does not."""
     base = {
         "num-server-rounds": 2, "data-fraction": 0.04, "test-examples": 1000, "partitioner": "iid", "seed": 3, "eval-every": 100,
         "min-available-nodes": 5, "contrastive-weight": 0.0, "attack": "scale", "attack-fraction": 0.2,
