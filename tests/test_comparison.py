@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 
 import pytest
 
@@ -12,6 +13,7 @@ from msfusion_flwr.config import ConfigError
 from msfusion_flwr.experiments.comparison import (
     MatrixError,
     can_resume,
+    change_over_last_rounds,
     curve_styles,
     expand,
     is_complete,
@@ -102,7 +104,9 @@ def test_summaries_and_table_from_hand_made_rows(tmp_path):
     assert "0.7000 ± 0.1414" in table  # mean and sample std of 0.6 and 0.8
     assert "| 0.6000 / 0.8000 |" in table  # per seed, in seed order (seed 0 first)
     assert "2.0 (1/2 reached) | 0.700 |" in table  # coverage at the end: mean of 0.6 and 0.8
-    assert "| variant | seeds | final acc | best acc | final acc per seed | rounds to 65% | coverage at end | FLOPs" in table
+    assert "| variant | seeds | final acc | best acc | final acc per seed | change over last 10 rounds per seed (points) | rounds to 65% | coverage at end | FLOPs" in table
+    assert summary["change_last_10_rounds"] is None  # 3 rounds: no evaluation 10 rounds before the last
+    assert "| 0.6000 / 0.8000 | — / — |" in table
     assert "final_perplexity" not in summary  # classification rows (no perplexity key) add no column
 
 
@@ -187,12 +191,56 @@ def test_perplexity_summaries_and_table_from_hand_made_lm_rows(tmp_path):
     other = {**summary, "final_perplexity": 150.0, "best_perplexity": 120.0, "rounds_to_target": None}
     table = markdown_table([summary, other], ["variant"], target=200.0, metric="perplexity")
     header, _, row = table.splitlines()
-    assert "| final perplexity | best perplexity | final perplexity per seed | rounds to perplexity <= 200 | coverage at end | FLOPs" in header
-    assert "| 165.00 ± 21.21 | 135.00 ± 21.21 | 180.00 / 150.00 | 2.0 (1/2 reached) | — |" in row  # 180 and 150; 150 and 120; no coverage in these rows
+    assert ("| final perplexity | best perplexity | final perplexity per seed | change over last 10 rounds per seed (%)"
+            " | rounds to perplexity <= 200 | coverage at end | FLOPs") in header
+    assert "| 165.00 ± 21.21 | 135.00 ± 21.21 | 180.00 / 150.00 | — / — | 2.0 (1/2 reached) | — |" in row  # 180 and 150; 150 and 120; no coverage in these rows
     assert "rounds to" not in markdown_table([summary], ["variant"], target=None, metric="perplexity")
     accuracy_table = markdown_table([{**summary, "best_accuracy": 0.3}], ["variant"], target=0.25, metric="accuracy")
     assert "rounds to 25%" in accuracy_table
     assert "rounds to loss <= 5.5" in markdown_table([by_loss], ["variant"], target=5.5, metric="loss")
+
+
+def naive_change(rows, metric, rounds):
+    """Issue 12's flatness measure, read off the rows by hand: final evaluation against the latest one at least
+    ``rounds`` rounds before it."""
+    evaluated = {r["round"]: r[metric] for r in rows if r.get(metric) is not None}
+    last = max(evaluated)
+    before = [t for t in evaluated if t <= last - rounds]
+    if not before:
+        return None
+    then, now = evaluated[max(before)], evaluated[last]
+    return 100 * (now - then) if metric == "accuracy" else 100 * (now / then - 1)
+
+
+@pytest.mark.parametrize("eval_every", [1, 2, 4, 7])
+@pytest.mark.parametrize("metric", ["accuracy", "perplexity", "loss"])
+def test_change_over_last_rounds_matches_the_definition(eval_every, metric):
+    """Random curves evaluated every k rounds (and always at the last): the change over the last 10 rounds is the
+    final value against the latest evaluation at least 10 rounds earlier, in points for accuracy and in percent
+    otherwise; None when the run is too short; a flat curve is 0."""
+    rng = random.Random(eval_every)
+    for rounds in (5, 10, 11, 30, 60):
+        rows = [{"round": t, **({metric: rng.uniform(0.1, 300.0)} if t % eval_every == 0 or t == rounds else {})}
+                for t in range(rounds + 1)]
+        expected = naive_change(rows, metric, 10)
+        got = change_over_last_rounds(rows, metric)
+        assert (got is None) == (expected is None) == (rounds < 10)
+        if expected is not None:
+            assert got == pytest.approx(expected)
+    flat = [{"round": t, metric: 0.5} for t in range(20)]
+    assert change_over_last_rounds(flat, metric) == 0.0
+    assert change_over_last_rounds([{"round": 0}], metric) is None
+
+
+def test_change_over_last_rounds_in_summaries_and_table(tmp_path):
+    """A 60-round run evaluated every 4 rounds: the window is 12 rounds (48 to 60); per seed in the table, signed."""
+    spec = expand(load_matrix(write_matrix(tmp_path, rounds=60)))[0]
+    rows = [{"round": t, "accuracy": 0.8 + t / 10000, "loss": 1.0, "failures": []} for t in range(0, 61, 4)]
+    summary = summarize_run(spec, rows, target=None)
+    assert summary["change_last_10_rounds"] == pytest.approx(100 * 12 / 10000)
+    falling = {**summary, "seed": 1, "change_last_10_rounds": -0.5}
+    row = markdown_table([summary, falling], ["variant"], target=None).splitlines()[2]
+    assert "| +0.12 / -0.50 |" in row
 
 
 def test_metric_and_target_keys_alias_and_one_line_errors(tmp_path):

@@ -354,6 +354,32 @@ def rounds_to_reach(rows: Sequence[Mapping[str, Any]], target: float, metric: st
     return None
 
 
+FLATNESS_ROUNDS = 10
+"""Issue 12's flatness window: a curve is flat when it gained under 0.5 points of accuracy (2 % of perplexity) over it."""
+
+
+def change_over_last_rounds(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy", rounds: int = FLATNESS_ROUNDS) -> float | None:
+    """How much ``metric`` moved from the last evaluation at least ``rounds`` rounds before the final one to the final one.
+
+    Accuracy in points (100 × the difference: positive is a gain); perplexity and loss
+    in percent of the earlier value (negative is a gain). None when the run has no
+    evaluation that early. With evaluations every k rounds the window is the smallest
+    multiple of k that is at least ``rounds`` (12 rounds when k = 4).
+    """
+    higher_is_better = _check_metric(metric)
+    evaluated = [r for r in rows if r.get(metric) is not None]
+    if not evaluated:
+        return None
+    final = evaluated[-1]
+    earlier = [r for r in evaluated if r["round"] <= final["round"] - rounds]
+    if not earlier:
+        return None
+    then, now = earlier[-1][metric], final[metric]
+    if higher_is_better:
+        return 100.0 * (now - then)
+    return 100.0 * (now - then) / then if then else None
+
+
 def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: float | None, metric: str = "accuracy") -> dict[str, Any]:
     """One results.csv row.
 
@@ -371,6 +397,7 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
     summary[f"final_{metric}"] = evaluated[-1][metric] if evaluated else None
     best = max if higher_is_better else min
     summary[f"best_{metric}"] = best((r[metric] for r in evaluated), default=None)
+    summary[f"change_last_{FLATNESS_ROUNDS}_rounds"] = change_over_last_rounds(rows, metric)
     for other in METRICS:
         if other == metric or (other == "perplexity" and not any(r.get("perplexity") is not None for r in rows)):
             continue
@@ -435,7 +462,8 @@ def _si(value: float | None, unit: str) -> str:
 def markdown_table(
     summaries: Sequence[Mapping[str, Any]], group_axes: Sequence[str], target: float | None, metric: str = "accuracy"
 ) -> str:
-    """Mean ± std over seeds per group: the metric (final, best, and final per seed in seed order), rounds to target,
+    """Mean ± std over seeds per group: the metric (final, best, and final per seed in seed order), its change over
+    the last :data:`FLATNESS_ROUNDS` rounds per seed (:func:`change_over_last_rounds`), rounds to target,
     the model's coverage at the end (mean over seeds), per-participant costs; for a matrix with private runs
     (``dp-noise-multiplier`` > 0), also the epsilon spent at the end ("∞" for its runs without noise); where
     screening left replies out, how many came from the simulated attackers and how many from honest participants.
@@ -452,7 +480,9 @@ def markdown_table(
     reach_header = [] if target is None else [_reach_header(metric, target)]
     private = any(s.get("final_dp_epsilon") is not None for s in summaries)
     screening = any(s.get("screened_attackers") or s.get("screened_honest") for s in summaries)
-    header = [*group_axes, "seeds", f"final {name}", f"best {name}", f"final {name} per seed", *reach_header,
+    change_unit = "points" if METRICS[metric] else "%"
+    header = [*group_axes, "seeds", f"final {name}", f"best {name}", f"final {name} per seed",
+              f"change over last {FLATNESS_ROUNDS} rounds per seed ({change_unit})", *reach_header,
               *(["epsilon at end"] if private else []), "coverage at end", "FLOPs / participant / round", "bytes down / participant / round",
               "bytes up / participant / round", "peak memory / participant", "trained params / participant", "failed replies",
               *(["screened out: attackers / honest (replies)"] if screening else [])]
@@ -471,10 +501,13 @@ def markdown_table(
         per_seed = " / ".join(
             "—" if r.get(f"final_{metric}") is None else f"{r[f'final_{metric}']:.{digits}f}" for r in by_seed
         )
+        change = f"change_last_{FLATNESS_ROUNDS}_rounds"
+        per_seed_change = " / ".join("—" if r.get(change) is None else f"{r[change]:+.2f}" for r in by_seed)
         covered, spent = cost("final_coverage"), cost("final_dp_epsilon")
         privacy = ["∞" if spent is None else f"{spent:.3g}"] if private else []
         cells = [str(v) for _, v in key] + [
-            str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), per_seed, *([reach] if reach_header else []),
+            str(len(runs)), _mean_std(finals, digits), _mean_std(bests, digits), per_seed, per_seed_change,
+            *([reach] if reach_header else []),
             *privacy,
             "—" if covered is None else f"{covered:.3f}", _si(cost("flops_max_per_round"), "FLOP"), _si(cost("bytes_down_max_per_round"), "B"),
             _si(cost("bytes_up_max_per_round"), "B"), _si(cost("peak_memory_bytes_max_per_round"), "B"),
