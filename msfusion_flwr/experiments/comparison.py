@@ -363,8 +363,8 @@ def change_over_last_rounds(rows: Sequence[Mapping[str, Any]], metric: str = "ac
 
     Accuracy in points (100 × the difference: positive is a gain); perplexity and loss
     in percent of the earlier value (negative is a gain). None when the run has no
-    evaluation that early. With evaluations every k rounds the window is the smallest
-    multiple of k that is at least ``rounds`` (12 rounds when k = 4).
+    evaluation that early. With evaluations every k rounds the window can be longer than
+    ``rounds`` (12 rounds when k = 4 and the run ends at round 60).
     """
     higher_is_better = _check_metric(metric)
     evaluated = [r for r in rows if r.get(metric) is not None]
