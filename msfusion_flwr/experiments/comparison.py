@@ -356,6 +356,8 @@ def rounds_to_reach(rows: Sequence[Mapping[str, Any]], target: float, metric: st
 
 FLATNESS_ROUNDS = 10
 """Issue 12's flatness window: a curve is flat when it gained under 0.5 points of accuracy (2 % of perplexity) over it."""
+CHANGE_KEY = f"change_last_{FLATNESS_ROUNDS}_rounds"
+"""The results.csv column (summary key) of :func:`change_over_last_rounds`."""
 
 
 def change_over_last_rounds(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy", rounds: int = FLATNESS_ROUNDS) -> float | None:
@@ -397,7 +399,7 @@ def summarize_run(spec: RunSpec, rows: Sequence[Mapping[str, Any]], target: floa
     summary[f"final_{metric}"] = evaluated[-1][metric] if evaluated else None
     best = max if higher_is_better else min
     summary[f"best_{metric}"] = best((r[metric] for r in evaluated), default=None)
-    summary[f"change_last_{FLATNESS_ROUNDS}_rounds"] = change_over_last_rounds(rows, metric)
+    summary[CHANGE_KEY] = change_over_last_rounds(rows, metric)
     for other in METRICS:
         if other == metric or (other == "perplexity" and not any(r.get("perplexity") is not None for r in rows)):
             continue
@@ -501,8 +503,7 @@ def markdown_table(
         per_seed = " / ".join(
             "—" if r.get(f"final_{metric}") is None else f"{r[f'final_{metric}']:.{digits}f}" for r in by_seed
         )
-        change = f"change_last_{FLATNESS_ROUNDS}_rounds"
-        per_seed_change = " / ".join("—" if r.get(change) is None else f"{r[change]:+.2f}" for r in by_seed)
+        per_seed_change = " / ".join("—" if r.get(CHANGE_KEY) is None else f"{r[CHANGE_KEY]:+.2f}" for r in by_seed)
         covered, spent = cost("final_coverage"), cost("final_dp_epsilon")
         privacy = ["∞" if spent is None else f"{spent:.3g}"] if private else []
         cells = [str(v) for _, v in key] + [
